@@ -1,0 +1,228 @@
+"""Connections, the embedded server, and the migration runner (Supabase CLI compatible)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from worker.config import Settings
+
+log = logging.getLogger(__name__)
+
+Connection = psycopg.Connection[dict[str, Any]]
+
+# Errors after which a retry on a fresh connection may succeed (restart, failover, network).
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    psycopg.errors.AdminShutdown,
+    psycopg.errors.CannotConnectNow,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.DeadlockDetected,
+)
+
+
+class EmbeddedPostgres:
+    """A private Postgres server under OURVIDZ_HOME, from the pgserver wheel (no system install).
+
+    The server is shared by every process that opens the same folder and stops when the last
+    one exits, so `run`, `enqueue` and `jobs` in three terminals see one database.
+    """
+
+    def __init__(self, pgdata: Path) -> None:
+        import pgserver
+
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        self.pgdata = pgdata
+        self._server = pgserver.get_server(pgdata, cleanup_mode="stop")
+
+    @property
+    def url(self) -> str:
+        return self._server.get_uri()
+
+    def restart(self) -> None:
+        from pgserver import _commands
+
+        _commands.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.pgdata, user=self._server.system_user)
+
+    def stop(self) -> None:
+        self._server.cleanup()
+
+
+_embedded: dict[Path, EmbeddedPostgres] = {}
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """DATABASE_URL when set, else the embedded server (started on first use)."""
+    if settings.database_url:
+        return settings.database_url
+    pgdata = settings.embedded_pgdata
+    if pgdata not in _embedded:
+        log.info("starting embedded Postgres in %s", pgdata)
+        _embedded[pgdata] = EmbeddedPostgres(pgdata)
+    return _embedded[pgdata].url
+
+
+def connect(url: str, **kwargs: Any) -> Connection:
+    return psycopg.connect(url, autocommit=True, row_factory=dict_row, **kwargs)
+
+
+def make_pool(url: str, size: int, name: str = "ourvidz") -> ConnectionPool[Connection]:
+    def configure(conn: Connection) -> None:
+        conn.autocommit = True
+
+    return ConnectionPool(
+        url,
+        min_size=1,
+        max_size=size,
+        kwargs={"row_factory": dict_row, "autocommit": True},
+        configure=configure,
+        check=ConnectionPool.check_connection,
+        name=name,
+        open=True,
+        reconnect_timeout=0,  # keep trying forever: a database restart delays work, never ends it
+    )
+
+
+# --- migrations ---------------------------------------------------------------------------
+
+MIGRATION_NAME = re.compile(r"^(\d{14})_(.+)\.sql$")
+MIGRATION_LOCK_KEY = 0x6F75727669647A  # "ourvidz": one migrator at a time
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str
+    name: str
+    path: Path
+
+    @property
+    def statements(self) -> list[str]:
+        return split_statements(self.path.read_text())
+
+
+def discover_migrations(folder: Path) -> list[Migration]:
+    found = []
+    for path in sorted(folder.glob("*.sql")):
+        match = MIGRATION_NAME.match(path.name)
+        if not match:
+            raise ValueError(f"{path.name}: migrations are named <YYYYMMDDHHMMSS>_<name>.sql")
+        found.append(Migration(match.group(1), match.group(2), path))
+    return found
+
+
+def split_statements(sql: str) -> list[str]:
+    """Split a script into statements the way the Supabase CLI records them.
+
+    Semicolons inside quotes, identifiers, comments and dollar-quoted bodies do not split.
+    """
+    statements: list[str] = []
+    start = i = 0
+    n = len(sql)
+    while i < n:
+        c = sql[i]
+        if c == "'" or c == '"':
+            i = _skip_quoted(sql, i, c)
+        elif sql.startswith("--", i):
+            end = sql.find("\n", i)
+            i = n if end == -1 else end + 1
+        elif sql.startswith("/*", i):
+            i = _skip_block_comment(sql, i)
+        elif c == "$":
+            tag = re.match(r"\$[A-Za-z_]*\$", sql[i:])
+            if tag:
+                end = sql.find(tag.group(0), i + len(tag.group(0)))
+                i = n if end == -1 else end + len(tag.group(0))
+            else:
+                i += 1
+        elif c == ";":
+            _append_statement(statements, sql[start : i + 1])
+            start = i = i + 1
+        else:
+            i += 1
+    _append_statement(statements, sql[start:])
+    return statements
+
+
+def _skip_quoted(sql: str, i: int, quote: str) -> int:
+    i += 1
+    while i < len(sql):
+        if sql[i] == quote:
+            if i + 1 < len(sql) and sql[i + 1] == quote:
+                i += 2
+                continue
+            return i + 1
+        i += 1
+    return i
+
+
+def _skip_block_comment(sql: str, i: int) -> int:
+    depth = 0
+    while i < len(sql):
+        if sql.startswith("/*", i):
+            depth += 1
+            i += 2
+        elif sql.startswith("*/", i):
+            depth -= 1
+            i += 2
+            if depth == 0:
+                return i
+        else:
+            i += 1
+    return i
+
+
+def _append_statement(statements: list[str], text: str) -> None:
+    body = "\n".join(line for line in text.strip().splitlines() if not line.strip().startswith("--"))
+    if body.strip().rstrip(";").strip():
+        statements.append(text.strip())
+
+
+def is_supabase(conn: Connection) -> bool:
+    """A Supabase project has its own admin role; our bootstrap never creates it."""
+    row = conn.execute("select exists (select 1 from pg_roles where rolname = 'supabase_admin') as yes").fetchone()
+    return bool(row and row["yes"])
+
+
+def migrate(url: str, settings: Settings | None = None) -> list[Migration]:
+    """Apply pending migrations in order; record them as `supabase db push` does. Idempotent."""
+    settings = settings or Settings()
+    applied_now: list[Migration] = []
+    with connect(url) as conn:
+        conn.execute("select pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        try:
+            if not is_supabase(conn):
+                with conn.transaction():
+                    for statement in split_statements(settings.bootstrap_file.read_text()):
+                        conn.execute(statement.encode())
+            conn.execute("create schema if not exists supabase_migrations")
+            conn.execute(
+                "create table if not exists supabase_migrations.schema_migrations"
+                " (version text not null primary key, statements text[], name text)"
+            )
+            rows = conn.execute("select version from supabase_migrations.schema_migrations").fetchall()
+            done = {row["version"] for row in rows}
+            for migration in discover_migrations(settings.migrations_dir):
+                if migration.version in done:
+                    continue
+                statements = migration.statements
+                with conn.transaction():
+                    for statement in statements:
+                        conn.execute(statement.encode())
+                    conn.execute(
+                        "insert into supabase_migrations.schema_migrations (version, name, statements)"
+                        " values (%s, %s, %s)",
+                        (migration.version, migration.name, statements),
+                    )
+                log.info("applied migration %s_%s", migration.version, migration.name)
+                applied_now.append(migration)
+        finally:
+            conn.execute("select pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+    return applied_now
+

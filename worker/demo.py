@@ -1,0 +1,128 @@
+"""`ourvidz-worker demo`: the whole path on embedded defaults, watched the way a frontend would."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
+
+from worker import db
+from worker.config import Settings
+from worker.handlers.base import builtin_handlers
+from worker.loop import Worker
+from worker.queue import JobQueue
+from worker.storage import LocalStorage
+
+TERMINAL = {"completed", "failed", "canceled"}
+
+
+@dataclass(frozen=True)
+class DemoJob:
+    job_type: str
+    payload: dict[str, Any]
+    expect: str  # final status
+    story: str
+    cancel_at: int | None = None  # percent at which the demo asks to cancel
+
+
+DEMO_JOBS = [
+    DemoJob("simulate", {"prompt": "a quick job", "config": {"steps": 8, "step_seconds": 0.15}},
+            "completed", "completes"),
+    DemoJob("simulate", {"prompt": "a longer job", "config": {"steps": 20, "step_seconds": 0.15}},
+            "completed", "completes"),
+    DemoJob("simulate", {"prompt": "flaky network",
+                         "config": {"steps": 6, "step_seconds": 0.1, "fail_code": "NETWORK_ERROR",
+                                    "fail_attempts": 1}},
+            "completed", "NETWORK_ERROR on attempt 1, retried with backoff, completes"),
+    DemoJob("simulate", {"prompt": "changed my mind", "config": {"steps": 40, "step_seconds": 0.1}},
+            "canceled", "canceled by its user while running", cancel_at=25),
+    DemoJob("simulate", {"prompt": "bad input", "config": {"steps": -3}},
+            "failed", "fails with INVALID_INPUT, worker carries on"),
+    DemoJob("video_ultra", {"prompt": "no such type"},
+            "failed", "fails with UNKNOWN_JOB_TYPE at insert"),
+]
+
+
+def run_demo(settings: Settings, console: Console, concurrency: int = 2) -> bool:
+    settings = settings.model_copy(update={"concurrency": concurrency, "retry_base_seconds": 0.5,
+                                           "lease_seconds": 10.0})
+    console.print(f"[bold]ourvidz-worker demo[/] — state in {settings.home_dir}")
+    url = db.resolve_database_url(settings)
+    console.print(f"database: {'DATABASE_URL' if settings.database_url else 'embedded Postgres'} ({url})")
+    applied = db.migrate(url, settings)
+    console.print(f"migrations: {len(applied)} applied now")
+
+    queue = JobQueue(db.make_pool(url, 2, name="demo"))
+    ids = [queue.enqueue(job.job_type, job.payload) for job in DEMO_JOBS]
+    console.print(f"enqueued {len(ids)} jobs; starting a worker (concurrency {concurrency})\n")
+
+    worker = Worker(settings, builtin_handlers(), LocalStorage(settings.storage_dir), database_url=url)
+    thread = threading.Thread(target=worker.run, kwargs={"install_signals": False}, daemon=True)
+    thread.start()
+
+    cancel_points = {job_id: demo.cancel_at for job_id, demo in zip(ids, DEMO_JOBS, strict=True)}
+
+    def cancel_when_due(rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            at = cancel_points.get(row["id"])
+            if at is not None and row["status"] == "processing" and row["progress"] >= at:
+                queue.request_cancel(row["id"])
+                cancel_points[row["id"]] = None
+
+    try:
+        rows = follow(queue, ids, console, on_tick=cancel_when_due, labels=[d.story for d in DEMO_JOBS])
+    finally:
+        worker.stop()
+        thread.join(timeout=30)
+
+    table = Table("job", "type", "status", "attempts", "expected", "result / error", title="final rows")
+    ok = True
+    for demo, row in zip(DEMO_JOBS, rows, strict=True):
+        good = row["status"] == demo.expect
+        ok &= good
+        if row["result"]:
+            detail = ", ".join(a["url"] for a in row["result"].get("assets", [])) or str(row["result"])[:60]
+        elif row["error"]:
+            detail = f"{row['error']['code']}: {row['error']['message']}"
+        else:
+            detail = ""
+        table.add_row(str(row["id"])[:8], row["job_type"], row["status"], f"{row['attempts']}/{row['max_attempts']}",
+                      demo.story, detail, style=None if good else "red")
+    console.print(table)
+    console.print("[green]every job ended as expected[/]" if ok else "[red]some jobs did not end as expected[/]")
+    return ok
+
+
+def follow(queue: JobQueue, ids: list[UUID], console: Console,
+           on_tick: Callable[[list[dict[str, Any]]], None] | None = None,
+           labels: list[str] | None = None, timeout: float = 600.0) -> list[dict[str, Any]]:
+    """Show live progress bars for `ids` until every row is terminal; return the final rows."""
+    columns = (TextColumn("{task.fields[short]}"), TextColumn("{task.description}", style="dim"), BarColumn(),
+               TextColumn("{task.percentage:>3.0f}%"), TextColumn("{task.fields[status]}"),
+               TextColumn("{task.fields[stage]}", style="dim"))
+    deadline = time.monotonic() + timeout
+    with Progress(*columns, console=console) as progress:
+        tasks = [progress.add_task((labels[i] if labels else ""), total=100, short=str(job_id)[:8],
+                                   status="", stage="") for i, job_id in enumerate(ids)]
+        while True:
+            rows = [queue.get_job(job_id) or {} for job_id in ids]
+            for task, row in zip(tasks, rows, strict=True):
+                progress.update(task, completed=row.get("progress", 0), status=_colored(row.get("status", "?")),
+                                stage=row.get("stage") or "")
+            if on_tick:
+                on_tick(rows)
+            if all(row.get("status") in TERMINAL for row in rows) or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.1)
+
+
+def _colored(status: str) -> str:
+    color = {"completed": "green", "failed": "red", "canceled": "yellow", "processing": "cyan"}.get(status, "white")
+    return f"[{color}]{status}[/]"

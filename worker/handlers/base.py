@@ -1,0 +1,169 @@
+"""The handler interface: `load()` once, `run(job, ctx)` per job (cog-like).
+
+The context is all a handler gets from the runtime: progress, a cancellation check, a scratch
+directory and asset publishing. It never sees SQL or connections.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from worker.jobs import Job
+from worker.storage import Storage
+
+
+class JobInterrupted(BaseException):  # noqa: N818 - an interruption, not an error
+    """Stops a handler. BaseException, so `except Exception` in handler code cannot swallow it."""
+
+
+class JobCanceled(JobInterrupted):
+    """The user asked to cancel; the row ends `canceled` and no result is published."""
+
+
+class JobLeaseLost(JobInterrupted):
+    """Another worker owns the job now; this one must stop touching it."""
+
+
+class WorkerStopping(JobInterrupted):
+    """The worker is shutting down past its grace period; the job goes back to the queue."""
+
+
+@runtime_checkable
+class Handler(Protocol):
+    def load(self) -> None:
+        """Load models once, before the first job. May be slow."""
+        ...
+
+    def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
+        """Do the job and return its result (JSON-serializable). Raise JobError to fail or retry."""
+        ...
+
+
+ProgressWriter = Callable[[int, str | None, dict[str, Any] | None], bool]
+
+
+class JobContext:
+    """Per-job services. Thread-safe: the worker's lease keeper flushes and interrupts it."""
+
+    def __init__(self, job: Job, storage: Storage, write_progress: ProgressWriter,
+                 progress_interval: float, scratch_root: Path | None = None) -> None:
+        self.job = job
+        self._storage = storage
+        self._write_progress = write_progress
+        self._interval = progress_interval
+        self._scratch_root = scratch_root
+        self._scratch: Path | None = None
+        self._lock = threading.Lock()
+        self._last_write = 0.0
+        self._written = False
+        self._pending: tuple[int, str | None, dict[str, Any] | None] | None = None
+        self._interrupt: type[JobInterrupted] | None = None
+        self.assets: list[dict[str, Any]] = []
+
+    # -- progress and cancellation ------------------------------------------------------
+
+    def progress(self, fraction: float, stage: str | None = None, partial: dict[str, Any] | None = None) -> None:
+        """Report progress (0..1) and a stage; also the point where cancellation takes effect.
+
+        Writes are throttled to one per `progress_interval` per job, the first and the last
+        (fraction >= 1) always go out; `partial` (e.g. streamed text) rides along in `result`.
+        """
+        self.check()
+        percent = max(0, min(100, round(fraction * 100)))
+        now = time.monotonic()
+        with self._lock:
+            due = not self._written or percent >= 100 or now - self._last_write >= self._interval
+            self._pending = (percent, stage, partial)
+            if not due:
+                return
+        self.flush()
+        self.check()
+
+    def flush(self) -> None:
+        """Write pending progress, if any (the lease keeper calls this for throttled updates)."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+            if pending is None:
+                return
+            self._written = True
+            self._last_write = time.monotonic()
+        from worker.queue import LeaseLost
+
+        try:
+            if self._write_progress(*pending):
+                self.interrupt(JobCanceled)
+        except LeaseLost:
+            self.interrupt(JobLeaseLost)
+
+    def check(self) -> None:
+        """Raise if the job was canceled, its lease lost, or the worker is stopping."""
+        if self._interrupt is not None:
+            raise self._interrupt(f"job {self.job.id}: {self._interrupt.__name__}")
+
+    @property
+    def cancelled(self) -> bool:
+        return self._interrupt is not None
+
+    def interrupt(self, kind: type[JobInterrupted]) -> None:
+        if self._interrupt is None or kind is WorkerStopping:
+            self._interrupt = kind
+
+    # -- files --------------------------------------------------------------------------
+
+    @property
+    def scratch_dir(self) -> Path:
+        """A private directory for this job, removed when the job ends."""
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix=f"job-{self.job.id}-", dir=self._scratch_root))
+        return self._scratch
+
+    def cleanup(self) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def publish(self, data: bytes, *, ext: str, content_type: str, index: int | None = None,
+                **metadata: Any) -> dict[str, Any]:
+        """Upload one asset to the job type's bucket at {user_id}/{job_id}/{index}.{ext}.
+
+        The path depends only on the job and the index, so a retried job overwrites its
+        earlier upload instead of adding a second copy.
+        """
+        self.check()
+        index = len(self.assets) if index is None else index
+        info = self.job.type_info
+        bucket = (info.bucket if info and info.bucket else None) or self.job.job_type
+        owner = str(self.job.user_id) if self.job.user_id else "service"
+        stored = self._storage.upload(bucket, f"{owner}/{self.job.id}/{index}.{ext}", data, content_type)
+        asset = {**stored.to_json(), "index": index, **metadata}
+        self.assets.append(asset)
+        return asset
+
+
+# --- registry -------------------------------------------------------------------------
+
+BUILTIN_HANDLERS: dict[str, str] = {
+    "simulate": "worker.handlers.simulate:SimulateHandler",
+}
+
+
+def load_handler(spec: str) -> Handler:
+    """`module:attr` where attr is a handler class or a factory, called once with no arguments."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"handler spec {spec!r} is not module:attr")
+    target = getattr(importlib.import_module(module_name), attr)
+    handler = target()
+    if not isinstance(handler, Handler):
+        raise TypeError(f"{spec} made {type(handler).__name__}, which has no load()/run(job, ctx)")
+    return handler
+
+
+def builtin_handlers() -> dict[str, Handler]:
+    return {name: load_handler(spec) for name, spec in BUILTIN_HANDLERS.items()}

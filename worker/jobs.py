@@ -1,0 +1,279 @@
+"""What a job is: the row as the worker sees it, payloads per job type, results and errors.
+
+Error codes and ranges come from the seed documents of the system this replaces.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal, Self, TypeVar
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+PayloadT = TypeVar("PayloadT", bound=BaseModel)
+
+
+class ErrorCode(StrEnum):
+    INVALID_INPUT = "INVALID_INPUT"  # payload failed validation; never retried
+    UNKNOWN_JOB_TYPE = "UNKNOWN_JOB_TYPE"  # no such (enabled) job type, or no handler for it
+    GENERATION_FAILED = "GENERATION_FAILED"  # the handler raised something unexpected
+    OOM_ERROR = "OOM_ERROR"  # out of (GPU) memory; retried after cleanup
+    MODEL_LOAD_ERROR = "MODEL_LOAD_ERROR"  # weights missing or unreadable
+    NETWORK_ERROR = "NETWORK_ERROR"  # fetching a reference, talking to an API
+    STORAGE_ERROR = "STORAGE_ERROR"  # publishing assets failed
+    TIMEOUT_ERROR = "TIMEOUT_ERROR"
+    DATABASE_ERROR = "DATABASE_ERROR"
+    WORKER_LOST = "WORKER_LOST"  # the lease expired: the worker died or lost the database
+
+
+RETRYABLE_CODES = frozenset(
+    {
+        ErrorCode.OOM_ERROR,
+        ErrorCode.NETWORK_ERROR,
+        ErrorCode.STORAGE_ERROR,
+        ErrorCode.TIMEOUT_ERROR,
+        ErrorCode.DATABASE_ERROR,
+        ErrorCode.WORKER_LOST,
+    }
+)
+
+
+class JobError(Exception):
+    """Raised by handlers (or mapped from other exceptions) to fail or retry the current job."""
+
+    def __init__(self, code: ErrorCode | str, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        self.code = str(code)
+        self.message = message
+        self.retryable = retryable if retryable is not None else code in RETRYABLE_CODES
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": str(self.code), "message": self.message, "retryable": self.retryable}
+
+
+def invalid_input(err: ValidationError) -> JobError:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in err.errors()[:5]
+    )
+    return JobError(ErrorCode.INVALID_INPUT, f"invalid payload: {problems}")
+
+
+class JobType(BaseModel):
+    name: str
+    queue: str
+    handler: str
+    model: str | None = None
+    content_type: str | None = None
+    file_extension: str | None = None
+    bucket: str | None = None
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    expected_seconds: int | None = None
+    max_attempts: int = 3
+    enabled: bool = True
+
+
+class Job(BaseModel):
+    """A claimed row. Handlers read it; only the worker writes the row."""
+
+    id: UUID
+    user_id: UUID | None
+    job_type: str
+    queue: str
+    payload: dict[str, Any]
+    priority: int
+    attempts: int
+    max_attempts: int
+    created_at: datetime
+    started_at: datetime | None = None
+    run_at: datetime
+    errors: list[dict[str, Any]] = Field(default_factory=list)
+    type_info: JobType | None = None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The job type's defaults overridden by the payload's `config` (seed 002 shape)."""
+        defaults = self.type_info.defaults if self.type_info else {}
+        config = self.payload.get("config")
+        return {**defaults, **(config if isinstance(config, dict) else {})}
+
+    def parse(self, model: type[PayloadT]) -> PayloadT:
+        """Validate the payload (with the type's defaults) into `model`, or raise INVALID_INPUT."""
+        try:
+            return model.model_validate({**self.payload, "config": self.config})
+        except ValidationError as err:
+            raise invalid_input(err) from None
+
+
+# --- payloads (seeds 000-004) --------------------------------------------------------------
+
+PROMPT_MAX_CHARS = 1000  # seed 001: "Prompt too long" above 1000 characters
+CHAT_MAX_CHARS = 32_000
+
+
+class Payload(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class _Generation(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    width: int = Field(ge=256, le=1024)
+    height: int = Field(ge=256, le=1024)
+    steps: int = Field(ge=10, le=50)
+    guidance_scale: float = Field(ge=1.0, le=20.0)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def seed_aliases(cls, data: Any) -> Any:
+        """Seed 002 sends `size: "W*H"`, `sample_steps`, `sample_guide_scale`."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if isinstance(data.get("size"), str) and "*" in data["size"]:
+            w, _, h = data.pop("size").partition("*")
+            data.setdefault("width", w)
+            data.setdefault("height", h)
+        if "sample_steps" in data:
+            data["steps"] = data.pop("sample_steps")
+        if "sample_guide_scale" in data:
+            data["guidance_scale"] = data.pop("sample_guide_scale")
+        return data
+
+    @field_validator("width", "height")
+    @classmethod
+    def multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError("must be a multiple of 8")
+        return v
+
+
+class ImageConfig(_Generation):
+    num_images: Literal[1, 3, 6] = 1
+    negative_prompt: str | None = Field(default=None, max_length=PROMPT_MAX_CHARS)
+
+
+class ImagePayload(Payload):
+    prompt: str = Field(min_length=1, max_length=PROMPT_MAX_CHARS)
+    negative_prompt: str | None = Field(default=None, max_length=PROMPT_MAX_CHARS)
+    config: ImageConfig
+
+
+class VideoConfig(_Generation):
+    height: int = Field(ge=256, le=1280)
+    width: int = Field(ge=256, le=1280)
+    frame_num: int = Field(ge=1, le=121)
+    fps: int = Field(default=16, ge=6, le=30)
+    enhance_prompt: bool = False
+    image: str | None = None
+    first_frame: str | None = None
+    last_frame: str | None = None
+
+    @field_validator("frame_num")
+    @classmethod
+    def image_or_clip(cls, v: int) -> int:
+        if 1 < v < 16:
+            raise ValueError("is 1 for an image or 16-121 frames for a video")
+        return v
+
+
+class VideoPayload(Payload):
+    prompt: str = Field(min_length=1, max_length=PROMPT_MAX_CHARS)
+    config: VideoConfig
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=CHAT_MAX_CHARS)
+
+
+class HistoryMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    sender: Literal["user", "assistant", "system", "character"]
+    content: str = Field(max_length=CHAT_MAX_CHARS)
+
+
+class ChatConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    max_tokens: int = Field(ge=1, le=2048)
+    temperature: float = Field(ge=0.0, le=1.0)
+    top_p: float = Field(ge=0.1, le=1.0)
+    history_limit: int = Field(default=10, ge=0, le=100)
+    system_prompt: str | None = Field(default=None, max_length=CHAT_MAX_CHARS)
+
+
+class ChatPayload(Payload):
+    """Seed 001's `messages`, or `message` + `system_prompt` + `conversation_history`, or
+    roleplay `character` + `scenario`. Top-level sampling fields override the config."""
+
+    messages: list[ChatMessage] | None = Field(default=None, max_length=200)
+    message: str | None = Field(default=None, max_length=CHAT_MAX_CHARS)
+    prompt: str | None = Field(default=None, max_length=CHAT_MAX_CHARS)
+    system_prompt: str | None = Field(default=None, max_length=CHAT_MAX_CHARS)
+    conversation_history: list[HistoryMessage] = Field(default_factory=list, max_length=500)
+    character: str | dict[str, Any] | None = None
+    scenario: str | None = Field(default=None, max_length=CHAT_MAX_CHARS)
+    config: ChatConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def sampling_overrides(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            config = dict(data.get("config") or {})
+            for key in ("max_tokens", "temperature", "top_p", "system_prompt"):
+                if key in data and data[key] is not None and key != "system_prompt":
+                    config[key] = data[key]
+            data["config"] = config
+        return data
+
+    @model_validator(mode="after")
+    def has_input(self) -> Self:
+        if not (self.messages or self.message or self.prompt):
+            raise ValueError("one of messages, message or prompt is required")
+        return self
+
+
+class SimulateConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    steps: int = Field(ge=1, le=10_000)
+    step_seconds: float = Field(ge=0, le=60)
+    fail_code: ErrorCode | None = None
+    fail_attempts: int = Field(default=0, ge=0, description="fail this many attempts, then succeed")
+
+
+class SimulatePayload(Payload):
+    prompt: str = Field(default="", max_length=PROMPT_MAX_CHARS)
+    config: SimulateConfig
+
+
+
+def classify(exc: BaseException) -> JobError:
+    """Map what a handler raised to a job error with a code a frontend can show."""
+    if isinstance(exc, JobError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return invalid_input(exc)
+    detail = f"{type(exc).__name__}: {exc}"[:2000]
+    if isinstance(exc, MemoryError) or _is_torch_oom(exc):
+        return JobError(ErrorCode.OOM_ERROR, detail)
+    from worker.storage import StorageError
+
+    if isinstance(exc, StorageError):
+        return JobError(ErrorCode.STORAGE_ERROR, detail)
+    if isinstance(exc, TimeoutError):
+        return JobError(ErrorCode.TIMEOUT_ERROR, detail)
+    if isinstance(exc, ConnectionError):
+        return JobError(ErrorCode.NETWORK_ERROR, detail)
+    return JobError(ErrorCode.GENERATION_FAILED, detail)
+
+
+def _is_torch_oom(exc: BaseException) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")  # only if a handler already imported it
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch else None
+    return bool(oom and isinstance(exc, oom))

@@ -1,0 +1,403 @@
+"""The worker loop: wake, claim, dispatch, keep leases, finish, shut down.
+
+Threads: the main loop claims and finishes (batched, one statement each); each job runs in its
+own thread; a lease keeper beats every lease/3 seconds; a listener turns NOTIFY into wake-ups
+and falls back to polling when LISTEN is unavailable. No transaction is open while a handler runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from worker import db
+from worker.config import Settings
+from worker.handlers.base import (
+    Handler,
+    JobCanceled,
+    JobContext,
+    JobInterrupted,
+    JobLeaseLost,
+    WorkerStopping,
+)
+from worker.jobs import ErrorCode, Job, JobError, JobType, classify
+from worker.queue import JobQueue, Outcome
+from worker.storage import Storage
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+CHANNEL_JOBS = "ourvidz_jobs"
+CHANNEL_CANCEL = "ourvidz_cancel"
+CHANNEL_TYPES = "ourvidz_types"
+
+
+@dataclass
+class Running:
+    job: Job
+    ctx: JobContext
+    thread: threading.Thread
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class WorkerStats:
+    claimed: int = 0
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    canceled: int = 0
+    lost: int = 0
+    released: int = 0
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        handlers: dict[str, Handler],
+        storage: Storage,
+        *,
+        database_url: str | None = None,
+        max_jobs: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.handlers = handlers
+        self.storage = storage
+        self.url = database_url or db.resolve_database_url(settings)
+        self.max_jobs = max_jobs
+        self.id = settings.resolved_worker_id
+        self.stats = WorkerStats()
+        self.pool = db.make_pool(self.url, settings.pool_size + 1, name=f"worker-{self.id}")
+        self.queue = JobQueue(self.pool, self.id, settings.lease_seconds)
+
+        self._wake = threading.Event()
+        self._stop = threading.Event()  # stop claiming, drain
+        self._abort = threading.Event()  # second signal: release at once
+        self._done = threading.Event()  # loop finished; helpers exit
+        self._types_changed = threading.Event()
+        self._listening = threading.Event()
+        self._finished: deque[Outcome] = deque()
+        self._running: dict[UUID, Running] = {}
+        self._running_lock = threading.Lock()
+        self._load_locks: dict[str, threading.Lock] = {}
+        self._run_locks: dict[str, threading.Lock] = {}
+        self._loaded: set[str] = set()
+        self._served: dict[str, JobType] = {}
+
+    # -- public -------------------------------------------------------------------------
+
+    def run(self, install_signals: bool = True) -> WorkerStats:
+        if install_signals:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        self._refresh_served_types()
+        self.queue.register_worker(socket.gethostname(), os.getpid(), self.settings.queues,
+                                   sorted(self._served), VERSION)
+        helpers = [threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True)]
+        if self.settings.listen:
+            helpers.append(threading.Thread(target=self._listen, name="listener", daemon=True))
+        for thread in helpers:
+            thread.start()
+        log.info("worker %s serving %s", self.id, ", ".join(sorted(self._served)) or "nothing")
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+            self._done.set()
+            for thread in helpers:
+                thread.join(timeout=5)
+            self.pool.close()
+        return self.stats
+
+    def stop(self, abort: bool = False) -> None:
+        """What SIGTERM does; a second call (or abort=True) stops waiting for running jobs."""
+        if self._stop.is_set() or abort:
+            self._abort.set()
+        self._stop.set()
+        self._wake.set()
+
+    # -- main loop ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        more_maybe = True  # a claim may find work: start-up, a notify, a poll, or a full claim
+        next_poll = 0.0
+        while True:
+            self._flush_finished()
+            if self._stop.is_set() or self._max_jobs_reached():
+                break
+            if self._types_changed.is_set():
+                self._types_changed.clear()
+                self._refresh_served_types()
+            now = time.monotonic()
+            if now >= next_poll:
+                more_maybe = True
+            free = self.settings.concurrency - len(self._running)
+            if self.max_jobs is not None:
+                free = min(free, self.max_jobs - self.stats.claimed)
+            if free > 0 and more_maybe and self._served:
+                self._wake.clear()
+                try:
+                    jobs = self.queue.claim(list(self._served), free)
+                except db.TRANSIENT_DB_ERRORS as err:
+                    log.warning("claim failed (%s); retrying", err)
+                    self._wake.wait(min(self.settings.fallback_poll_interval, 1.0))
+                    continue
+                for job in jobs:
+                    self._start(job)
+                more_maybe = len(jobs) == free
+                if not more_maybe:
+                    next_poll = time.monotonic() + self._idle_timeout()
+                if more_maybe:
+                    continue
+            timeout = max(0.0, next_poll - time.monotonic()) if free > 0 else 1.0
+            if self._wake.wait(timeout):
+                more_maybe = True
+
+    def _max_jobs_reached(self) -> bool:
+        return self.max_jobs is not None and self.stats.claimed >= self.max_jobs and not self._running
+
+    def _idle_timeout(self) -> float:
+        """Sleep until a poll is due: long while LISTEN works, short without it, and no later
+        than the next scheduled retry becomes due."""
+        interval = (
+            self.settings.poll_interval if self._listening.is_set() else self.settings.fallback_poll_interval
+        )
+        try:
+            due = self.queue.next_due(list(self._served))
+        except db.TRANSIENT_DB_ERRORS:
+            return min(interval, 1.0)
+        if due is not None:
+            interval = min(interval, max(0.05, (due - datetime.now(UTC)).total_seconds()))
+        return interval
+
+    def _refresh_served_types(self) -> None:
+        types = self.queue.served_job_types(self.handlers.keys(), self.settings.queues)
+        self._served = {t.name: t for t in types}
+
+    # -- running one job ----------------------------------------------------------------
+
+    def _start(self, job: Job) -> None:
+        job.type_info = self._served.get(job.job_type)
+        ctx = JobContext(job, self.storage, self._progress_writer(job.id), self.settings.progress_interval)
+        thread = threading.Thread(target=self._run_job, args=(job, ctx), name=f"job-{job.id}", daemon=True)
+        with self._running_lock:
+            self._running[job.id] = Running(job, ctx, thread)
+        self.stats.claimed += 1
+        thread.start()
+
+    def _progress_writer(self, job_id: UUID) -> Any:
+        def write(progress: int, stage: str | None, partial: dict[str, Any] | None) -> bool:
+            try:
+                return self.queue.report_progress(job_id, progress, stage, partial)
+            except db.TRANSIENT_DB_ERRORS as err:
+                log.warning("progress write for %s skipped: %s", job_id, err)
+                return False
+
+        return write
+
+    def _run_job(self, job: Job, ctx: JobContext) -> None:
+        outcome: Outcome | None
+        try:
+            result = self._call_handler(job, ctx)
+            json.dumps(result)  # a result the row cannot hold fails here, not in the finish
+            outcome = Outcome(job.id, "completed", result=result)
+        except JobCanceled:
+            outcome = Outcome(job.id, "canceled")
+        except (JobLeaseLost, WorkerStopping):
+            outcome = None  # not ours to finish: another worker holds it, or we release it
+        except JobInterrupted:
+            outcome = None
+        except BaseException as exc:
+            outcome = self._failure(job, classify(exc))
+        finally:
+            ctx.cleanup()
+        if outcome is not None:
+            self._finished.append(outcome)
+        else:
+            with self._running_lock:
+                self._running.pop(job.id, None)
+        self._wake.set()
+
+    def _call_handler(self, job: Job, ctx: JobContext) -> dict[str, Any]:
+        info = job.type_info
+        handler = self.handlers.get(info.handler) if info else None
+        if info is None or handler is None:
+            raise JobError(ErrorCode.UNKNOWN_JOB_TYPE, f"worker {self.id} has no handler for {job.job_type!r}")
+        self._ensure_loaded(info.handler, handler, ctx)
+        if getattr(handler, "concurrent", False):
+            result = handler.run(job, ctx)
+        else:
+            with self._run_locks.setdefault(info.handler, threading.Lock()):
+                result = handler.run(job, ctx)
+        ctx.check()
+        if not isinstance(result, dict):
+            raise JobError(ErrorCode.GENERATION_FAILED, f"handler returned {type(result).__name__}, not a dict")
+        return result
+
+    def _ensure_loaded(self, name: str, handler: Handler, ctx: JobContext) -> None:
+        if name in self._loaded:
+            return
+        with self._load_locks.setdefault(name, threading.Lock()):
+            if name in self._loaded:
+                return
+            ctx.progress(0.0, "loading model")
+            try:
+                handler.load()
+            except Exception as err:
+                raise JobError(ErrorCode.MODEL_LOAD_ERROR, f"{name}: {type(err).__name__}: {err}",
+                               retryable=True) from err
+            self._loaded.add(name)
+
+    def _failure(self, job: Job, error: JobError) -> Outcome:
+        if error.retryable and job.attempts < job.max_attempts:
+            return Outcome(job.id, "queued", error=error.to_json(), retry_delay=self._backoff(job.attempts))
+        if error.retryable:
+            error = JobError(error.code, f"{error.message} (gave up after {job.attempts} attempts)",
+                             retryable=False)
+        return Outcome(job.id, "failed", error=error.to_json())
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential with jitter: half fixed, half random, so retries of a burst spread out."""
+        ceiling = min(self.settings.retry_max_seconds, self.settings.retry_base_seconds * 2 ** (attempt - 1))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def _flush_finished(self) -> None:
+        if not self._finished:
+            return
+        batch = []
+        while self._finished:
+            batch.append(self._finished.popleft())
+        try:
+            applied = self.queue.finish(batch)
+        except db.TRANSIENT_DB_ERRORS as err:
+            log.warning("finishing %d jobs failed (%s); will retry", len(batch), err)
+            self._finished.extendleft(reversed(batch))
+            time.sleep(0.5)
+            return
+        for outcome in batch:
+            status = applied.get(outcome.job_id)
+            if status is None:
+                self.stats.lost += 1
+                log.warning("job %s: lease lost before finish; result dropped", outcome.job_id)
+            elif status == "queued":
+                self.stats.retried += 1
+            else:
+                setattr(self.stats, status, getattr(self.stats, status) + 1)
+            with self._running_lock:
+                self._running.pop(outcome.job_id, None)
+
+    # -- lease keeper -------------------------------------------------------------------
+
+    def _keep_leases(self) -> None:
+        beat_every = max(0.05, self.settings.lease_seconds / 3)
+        rescue_every = max(0.1, min(15.0, self.settings.lease_seconds / 2))
+        next_rescue = 0.0
+        while not self._done.wait(beat_every):
+            with self._running_lock:
+                running = list(self._running.values())
+            try:
+                for entry in running:
+                    entry.ctx.flush()
+                state = "draining" if self._stop.is_set() else ("busy" if running else "idle")
+                beat = self.queue.heartbeat([r.job.id for r in running], state)
+                for entry in running:
+                    if entry.job.id in beat.cancel_requested:
+                        entry.ctx.interrupt(JobCanceled)
+                    elif entry.job.id not in beat.held and entry.thread.is_alive():
+                        entry.ctx.interrupt(JobLeaseLost)
+                if time.monotonic() >= next_rescue:
+                    next_rescue = time.monotonic() + rescue_every
+                    rescued = self.queue.rescue_expired()
+                    if rescued:
+                        log.info("rescued %d jobs with expired leases: %s", len(rescued), rescued)
+            except db.TRANSIENT_DB_ERRORS as err:
+                log.warning("heartbeat failed: %s", err)
+            except Exception:
+                log.exception("lease keeper error")
+
+    # -- listener -----------------------------------------------------------------------
+
+    def _listen(self) -> None:
+        url = self.settings.listen_database_url or self.url
+        delay = 0.5
+        while not self._done.is_set():
+            try:
+                with db.connect(url) as conn:
+                    for channel in (CHANNEL_JOBS, CHANNEL_CANCEL, CHANNEL_TYPES):
+                        conn.execute(f"LISTEN {channel}")
+                    self._listening.set()
+                    self._wake.set()  # notifies may have been missed while not listening
+                    delay = 0.5
+                    while not self._done.is_set():
+                        for note in conn.notifies(timeout=0.5):
+                            self._on_notify(note)
+            except psycopg.Error as err:
+                if self._listening.is_set():
+                    log.warning("LISTEN connection lost (%s); polling every %.1fs until it is back",
+                                err, self.settings.fallback_poll_interval)
+                self._listening.clear()
+                self._wake.set()
+                self._done.wait(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _on_notify(self, note: psycopg.Notify) -> None:
+        if note.channel == CHANNEL_JOBS:
+            if not self.settings.queues or note.payload in self.settings.queues:
+                self._wake.set()
+        elif note.channel == CHANNEL_CANCEL:
+            with self._running_lock:
+                entry = next((r for r in self._running.values() if str(r.job.id) == note.payload), None)
+            if entry:
+                entry.ctx.interrupt(JobCanceled)
+        elif note.channel == CHANNEL_TYPES:
+            self._types_changed.set()
+            self._wake.set()
+
+    # -- shutdown -----------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s: %s", signal.Signals(signum).name,
+                 "releasing running jobs" if self._stop.is_set() else "draining")
+        self.stop()
+
+    def _shutdown(self) -> None:
+        if self._running:
+            self._set_state("draining")
+            deadline = time.monotonic() + self.settings.shutdown_grace
+            while self._running and not self._abort.is_set() and time.monotonic() < deadline:
+                self._wake.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+                self._wake.clear()
+                self._flush_finished()
+            self._flush_finished()
+        with self._running_lock:
+            leftover = list(self._running.values())
+        if leftover:
+            for entry in leftover:
+                entry.ctx.interrupt(WorkerStopping)
+            released = self.queue.release([r.job.id for r in leftover])
+            self.stats.released += len(released)
+            log.info("released %d running jobs back to the queue", len(released))
+            with self._running_lock:
+                self._running.clear()
+        self._set_state("stopped")
+
+    def _set_state(self, state: str) -> None:
+        try:
+            self.queue.set_worker_state(state)
+        except db.TRANSIENT_DB_ERRORS as err:
+            log.warning("could not record worker state %s: %s", state, err)

@@ -1,0 +1,409 @@
+"""The only place with job-table SQL. Every statement can be pasted into psql as it is.
+
+Every write a worker makes to a job it runs is fenced by (id, status 'processing', worker_id):
+zero rows updated means the lease was lost, and the worker stops touching that job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, ParamSpec, TypeVar
+from uuid import UUID
+
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+from tenacity import (
+    retry,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from worker.db import TRANSIENT_DB_ERRORS, Connection
+from worker.jobs import Job, JobType
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# -- claim_jobs -- take up to %(limit)s due jobs of the served types, highest priority first.
+CLAIM_JOBS = """
+WITH next AS (
+    -- the partial index jobs_claim_idx walks queued rows in this order; SKIP LOCKED lets
+    -- concurrent workers pass over each other's picks instead of waiting on them
+    SELECT id
+    FROM public.jobs
+    WHERE status = 'queued'
+      AND run_at <= now()
+      AND job_type = ANY(%(job_types)s)
+    ORDER BY priority DESC, run_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE public.jobs AS j
+SET status = 'processing',
+    worker_id = %(worker_id)s,
+    attempts = j.attempts + 1,  -- counted at claim: a job that kills its worker is still bounded
+    lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
+    started_at = now(),
+    progress = 0,
+    stage = 'running'
+FROM next
+WHERE j.id = next.id
+RETURNING j.id, j.user_id, j.job_type, j.queue, j.payload, j.priority, j.attempts,
+          j.max_attempts, j.created_at, j.started_at, j.run_at, j.errors
+"""
+
+# -- next_due -- when the earliest not-yet-due job of the served types becomes due.
+NEXT_DUE = """
+SELECT min(run_at) AS run_at
+FROM public.jobs
+WHERE status = 'queued' AND job_type = ANY(%(job_types)s)
+"""
+
+# -- heartbeat -- extend the leases of this worker's running jobs and beat its own row.
+HEARTBEAT = """
+WITH beat AS (
+    UPDATE public.workers
+    SET heartbeat_at = now(), state = %(state)s, current_jobs = %(job_ids)s::uuid[]
+    WHERE id = %(worker_id)s
+)
+UPDATE public.jobs
+SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+WHERE id = ANY(%(job_ids)s::uuid[]) AND status = 'processing' AND worker_id = %(worker_id)s
+RETURNING id, cancel_requested
+"""
+
+# -- report_progress -- a throttled progress write; doubles as a heartbeat for the job.
+REPORT_PROGRESS = """
+UPDATE public.jobs
+SET progress = %(progress)s,
+    stage = %(stage)s,
+    result = coalesce(%(partial)s, result),
+    lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+WHERE id = %(id)s AND status = 'processing' AND worker_id = %(worker_id)s
+RETURNING cancel_requested
+"""
+
+# -- finish_jobs -- apply a batch of outcomes; rows this worker no longer holds are skipped.
+FINISH_JOBS = """
+UPDATE public.jobs AS j
+SET status = o.status::public.job_status,
+    result = CASE WHEN o.status = 'completed' THEN o.result ELSE NULL END,
+    error = o.error,
+    errors = CASE WHEN o.error IS NULL THEN j.errors
+                  ELSE j.errors || jsonb_build_array(o.error || jsonb_build_object(
+                       'attempt', j.attempts, 'worker_id', j.worker_id, 'at', now()))
+             END,
+    progress = CASE WHEN o.status = 'completed' THEN 100
+                    WHEN o.status = 'queued' THEN 0 ELSE j.progress END,
+    stage = o.status,
+    run_at = CASE WHEN o.status = 'queued' THEN now() + make_interval(secs => o.retry_delay)
+                  ELSE j.run_at END,
+    worker_id = CASE WHEN o.status = 'queued' THEN NULL ELSE j.worker_id END,
+    lease_expires_at = NULL,
+    finished_at = CASE WHEN o.status = 'queued' THEN NULL ELSE now() END
+FROM jsonb_to_recordset(%(outcomes)s)
+     AS o(id uuid, status text, result jsonb, error jsonb, retry_delay float8)
+WHERE j.id = o.id AND j.status = 'processing' AND j.worker_id = %(worker_id)s
+RETURNING j.id, j.status
+"""
+
+# -- release_jobs -- give running jobs back at shutdown; the interrupted attempt is not counted.
+RELEASE_JOBS = """
+UPDATE public.jobs
+SET status = 'queued', worker_id = NULL, lease_expires_at = NULL, progress = 0,
+    stage = 'released', attempts = greatest(attempts - 1, 0), run_at = now()
+WHERE id = ANY(%(job_ids)s::uuid[]) AND status = 'processing' AND worker_id = %(worker_id)s
+RETURNING id
+"""
+
+# -- rescue_expired -- jobs whose worker stopped renewing the lease: retry, or fail at the limit.
+RESCUE_EXPIRED = """
+WITH expired AS (
+    SELECT id
+    FROM public.jobs
+    WHERE status = 'processing' AND lease_expires_at < now()
+    ORDER BY lease_expires_at
+    LIMIT 1000
+    FOR UPDATE SKIP LOCKED
+),
+lost AS (
+    SELECT j.id,
+           CASE WHEN j.cancel_requested THEN 'canceled'
+                WHEN j.attempts >= j.max_attempts THEN 'failed'
+                ELSE 'queued' END AS next_status,
+           jsonb_build_object(
+               'code', 'WORKER_LOST',
+               'message', format('worker %%s stopped renewing its lease (attempt %%s of %%s)',
+                                 j.worker_id, j.attempts, j.max_attempts),
+               'retryable', j.attempts < j.max_attempts,
+               'attempt', j.attempts, 'worker_id', j.worker_id, 'at', now()) AS error
+    FROM public.jobs AS j JOIN expired USING (id)
+)
+UPDATE public.jobs AS j
+SET status = lost.next_status::public.job_status,
+    error = CASE WHEN lost.next_status = 'failed' THEN lost.error - 'attempt' - 'worker_id' - 'at'
+                 ELSE j.error END,
+    errors = j.errors || jsonb_build_array(lost.error),
+    worker_id = CASE WHEN lost.next_status = 'queued' THEN NULL ELSE j.worker_id END,
+    lease_expires_at = NULL,
+    progress = CASE WHEN lost.next_status = 'queued' THEN 0 ELSE j.progress END,
+    stage = CASE WHEN lost.next_status = 'queued' THEN 'rescued' ELSE lost.next_status END,
+    run_at = now(),
+    finished_at = CASE WHEN lost.next_status = 'queued' THEN NULL ELSE now() END
+FROM lost
+WHERE j.id = lost.id
+RETURNING j.id, j.status
+"""
+
+# -- served_job_types -- the enabled types this worker has handlers for, on its queues.
+SERVED_JOB_TYPES = """
+SELECT name, queue, handler, model, content_type, file_extension, bucket, defaults,
+       expected_seconds, max_attempts, enabled
+FROM public.job_types
+WHERE enabled AND handler = ANY(%(handlers)s)
+  AND (cardinality(%(queues)s::text[]) = 0 OR queue = ANY(%(queues)s::text[]))
+ORDER BY name
+"""
+
+# -- register_worker -- (re)announce this worker.
+REGISTER_WORKER = """
+INSERT INTO public.workers (id, host, pid, queues, job_types, state, version, started_at, heartbeat_at)
+VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s, %(job_types)s, 'idle', %(version)s, now(), now())
+ON CONFLICT (id) DO UPDATE
+SET host = excluded.host, pid = excluded.pid, queues = excluded.queues, job_types = excluded.job_types,
+    state = 'idle', version = excluded.version, started_at = now(), heartbeat_at = now(),
+    stopped_at = NULL, current_jobs = '{}'
+"""
+
+# -- set_worker_state -- idle | busy | draining | stopped.
+SET_WORKER_STATE = """
+UPDATE public.workers
+SET state = %(state)s, heartbeat_at = now(),
+    stopped_at = CASE WHEN %(state)s = 'stopped' THEN now() ELSE NULL END,
+    current_jobs = CASE WHEN %(state)s = 'stopped' THEN '{}' ELSE current_jobs END
+WHERE id = %(id)s
+"""
+
+# -- enqueue -- what a frontend's insert does, for the CLI and tests.
+ENQUEUE = """
+INSERT INTO public.jobs (job_type, payload, priority, user_id, run_at, max_attempts)
+VALUES (%(job_type)s, %(payload)s, %(priority)s, %(user_id)s, coalesce(%(run_at)s, now()), %(max_attempts)s)
+RETURNING id
+"""
+
+# -- enqueue_many -- one statement for a batch of payloads of one type.
+ENQUEUE_MANY = """
+INSERT INTO public.jobs (job_type, payload, priority, user_id)
+SELECT %(job_type)s, p, %(priority)s, %(user_id)s
+FROM jsonb_array_elements(%(payloads)s) AS p
+"""
+
+# -- request_cancel -- what a frontend's cancel does; a queued job is canceled by the trigger.
+REQUEST_CANCEL = """
+UPDATE public.jobs SET cancel_requested = true
+WHERE id = %(id)s AND status IN ('queued', 'processing') AND NOT cancel_requested
+RETURNING id, status
+"""
+
+# -- get_job -- one row as a frontend sees it.
+GET_JOB = "SELECT * FROM public.jobs WHERE id = %(id)s"
+
+# -- recent_jobs -- newest first, with wait and run times.
+RECENT_JOBS = """
+SELECT id, job_type, status, progress, stage, attempts, max_attempts, worker_id, error,
+       created_at, started_at, finished_at,
+       extract(epoch FROM coalesce(started_at, now()) - created_at) AS wait_seconds,
+       extract(epoch FROM coalesce(finished_at, now()) - started_at) AS run_seconds
+FROM public.jobs
+WHERE (%(status)s::text IS NULL OR status::text = %(status)s)
+ORDER BY created_at DESC
+LIMIT %(limit)s
+"""
+
+# -- list_job_types --
+LIST_JOB_TYPES = "SELECT * FROM public.job_types ORDER BY queue, name"
+
+# -- upsert_job_type -- register a type served by a custom handler.
+UPSERT_JOB_TYPE = """
+INSERT INTO public.job_types (name, queue, handler, defaults, max_attempts, content_type, bucket,
+                              file_extension, expected_seconds, description)
+VALUES (%(name)s, %(queue)s, %(handler)s, %(defaults)s, %(max_attempts)s, %(content_type)s,
+        %(bucket)s, %(file_extension)s, %(expected_seconds)s, %(description)s)
+ON CONFLICT (name) DO UPDATE
+SET queue = excluded.queue, handler = excluded.handler, defaults = excluded.defaults,
+    max_attempts = excluded.max_attempts, content_type = excluded.content_type,
+    bucket = excluded.bucket, file_extension = excluded.file_extension,
+    expected_seconds = excluded.expected_seconds, description = excluded.description,
+    enabled = true, updated_at = now()
+"""
+
+
+def _db_retry(fn: Callable[P, R]) -> Callable[P, R]:
+    """Transient database errors (restart, failover) are retried in-process for a while."""
+    return retry(
+        retry=retry_if_exception_type(TRANSIENT_DB_ERRORS),
+        wait=wait_exponential_jitter(initial=0.05, max=2.0),
+        stop=stop_after_delay(15),
+        reraise=True,
+        before_sleep=lambda state: log.warning(
+            "database unavailable (%s), retrying", state.outcome and state.outcome.exception()
+        ),
+    )(fn)
+
+
+class LeaseLost(Exception):
+    """The fenced write found no row: another worker owns this job now."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    job_id: UUID
+    status: Literal["completed", "failed", "canceled", "queued"]
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    retry_delay: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.job_id),
+            "status": self.status,
+            "result": self.result,
+            "error": self.error,
+            "retry_delay": self.retry_delay,
+        }
+
+
+@dataclass
+class Heartbeat:
+    held: set[UUID] = field(default_factory=set)
+    cancel_requested: set[UUID] = field(default_factory=set)
+
+
+class JobQueue:
+    """Job-table operations for one worker (or for the CLI, with worker_id=None)."""
+
+    def __init__(
+        self, pool: ConnectionPool[Connection], worker_id: str | None = None, lease_seconds: float = 30.0
+    ) -> None:
+        self.pool = pool
+        self.worker_id = worker_id
+        self.lease_seconds = lease_seconds
+
+    def _execute(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        with self.pool.connection() as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    # -- worker side --------------------------------------------------------------------
+
+    @_db_retry
+    def served_job_types(self, handlers: Iterable[str], queues: Sequence[str]) -> list[JobType]:
+        rows = self._execute(SERVED_JOB_TYPES, {"handlers": list(handlers), "queues": list(queues)})
+        return [JobType.model_validate(row) for row in rows]
+
+    @_db_retry
+    def register_worker(self, host: str, pid: int, queues: Sequence[str], job_types: Sequence[str],
+                        version: str) -> None:
+        self._execute(REGISTER_WORKER, {"id": self.worker_id, "host": host, "pid": pid,
+                                        "queues": list(queues), "job_types": list(job_types),
+                                        "version": version})
+
+    @_db_retry
+    def set_worker_state(self, state: str) -> None:
+        self._execute(SET_WORKER_STATE, {"id": self.worker_id, "state": state})
+
+    def claim(self, job_types: Sequence[str], limit: int) -> list[Job]:
+        # Not retried here: a claim that committed but whose reply was lost must not be
+        # repeated blindly; those rows come back through the lease rescue.
+        rows = self._execute(CLAIM_JOBS, {"job_types": list(job_types), "limit": limit,
+                                          "worker_id": self.worker_id,
+                                          "lease_seconds": self.lease_seconds})
+        return [Job.model_validate(row) for row in rows]
+
+    def next_due(self, job_types: Sequence[str]) -> datetime | None:
+        rows = self._execute(NEXT_DUE, {"job_types": list(job_types)})
+        return rows[0]["run_at"] if rows else None
+
+    def heartbeat(self, job_ids: Iterable[UUID], state: str) -> Heartbeat:
+        rows = self._execute(HEARTBEAT, {"worker_id": self.worker_id, "job_ids": list(job_ids),
+                                         "state": state, "lease_seconds": self.lease_seconds})
+        return Heartbeat(
+            held={row["id"] for row in rows},
+            cancel_requested={row["id"] for row in rows if row["cancel_requested"]},
+        )
+
+    def report_progress(self, job_id: UUID, progress: int, stage: str | None,
+                        partial: dict[str, Any] | None = None) -> bool:
+        """Write progress; return whether a cancel was requested. Raises LeaseLost."""
+        rows = self._execute(REPORT_PROGRESS, {
+            "id": job_id, "worker_id": self.worker_id, "progress": progress, "stage": stage,
+            "partial": Jsonb(partial) if partial is not None else None,
+            "lease_seconds": self.lease_seconds,
+        })
+        if not rows:
+            raise LeaseLost(f"job {job_id} is no longer held by {self.worker_id}")
+        return bool(rows[0]["cancel_requested"])
+
+    @_db_retry
+    def finish(self, outcomes: Sequence[Outcome]) -> dict[UUID, str]:
+        """Apply outcomes; return {job_id: new status} for the rows this worker still held."""
+        if not outcomes:
+            return {}
+        rows = self._execute(FINISH_JOBS, {"worker_id": self.worker_id,
+                                           "outcomes": Jsonb([o.to_json() for o in outcomes])})
+        return {row["id"]: row["status"] for row in rows}
+
+    @_db_retry
+    def release(self, job_ids: Iterable[UUID]) -> set[UUID]:
+        rows = self._execute(RELEASE_JOBS, {"worker_id": self.worker_id, "job_ids": list(job_ids)})
+        return {row["id"] for row in rows}
+
+    def rescue_expired(self) -> dict[UUID, str]:
+        return {row["id"]: row["status"] for row in self._execute(RESCUE_EXPIRED, {})}
+
+    # -- client side (CLI, tests, benchmarks) -------------------------------------------
+
+    @_db_retry
+    def enqueue(self, job_type: str, payload: dict[str, Any], *, priority: int = 0,
+                user_id: UUID | str | None = None, run_at: datetime | None = None,
+                max_attempts: int | None = None) -> UUID:
+        rows = self._execute(ENQUEUE, {"job_type": job_type, "payload": Jsonb(payload),
+                                       "priority": priority, "user_id": user_id, "run_at": run_at,
+                                       "max_attempts": max_attempts})
+        return rows[0]["id"]
+
+    def enqueue_many(self, job_type: str, payloads: Sequence[dict[str, Any]], *, priority: int = 0,
+                     user_id: UUID | str | None = None) -> None:
+        self._execute(ENQUEUE_MANY, {"job_type": job_type, "payloads": Jsonb(list(payloads)),
+                                     "priority": priority, "user_id": user_id})
+
+    def request_cancel(self, job_id: UUID | str) -> str | None:
+        rows = self._execute(REQUEST_CANCEL, {"id": job_id})
+        return rows[0]["status"] if rows else None
+
+    def get_job(self, job_id: UUID | str) -> dict[str, Any] | None:
+        rows = self._execute(GET_JOB, {"id": job_id})
+        return rows[0] if rows else None
+
+    def recent_jobs(self, limit: int = 20, status: str | None = None) -> list[dict[str, Any]]:
+        return self._execute(RECENT_JOBS, {"limit": limit, "status": status})
+
+    def list_job_types(self) -> list[dict[str, Any]]:
+        return self._execute(LIST_JOB_TYPES, {})
+
+    def upsert_job_type(self, name: str, queue: str, handler: str, *, defaults: dict[str, Any] | None = None,
+                        max_attempts: int = 3, content_type: str | None = None, bucket: str | None = None,
+                        file_extension: str | None = None, expected_seconds: int | None = None,
+                        description: str | None = None) -> None:
+        self._execute(UPSERT_JOB_TYPE, {
+            "name": name, "queue": queue, "handler": handler, "defaults": Jsonb(defaults or {}),
+            "max_attempts": max_attempts, "content_type": content_type, "bucket": bucket,
+            "file_extension": file_extension, "expected_seconds": expected_seconds,
+            "description": description,
+        })
