@@ -85,7 +85,8 @@ class Worker:
         self.pool = db.make_pool(self.url, settings.pool_size + 1, name=f"worker-{self.id}")
         self.queue = JobQueue(self.pool, self.id, settings.lease_seconds)
 
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # the main loop has something to do
+        self._notified = threading.Event()  # a job may have become claimable
         self._stop = threading.Event()  # stop claiming, drain
         self._abort = threading.Event()  # second signal: release at once
         self._done = threading.Event()  # loop finished; helpers exit
@@ -150,7 +151,7 @@ class Worker:
             if self.max_jobs is not None:
                 free = min(free, self.max_jobs - self.stats.claimed)
             if free > 0 and more_maybe and self._served:
-                self._wake.clear()
+                self._notified.clear()  # anything notified from here on may be missed by this claim
                 try:
                     jobs = self.queue.claim(list(self._served), free)
                 except db.TRANSIENT_DB_ERRORS as err:
@@ -164,8 +165,12 @@ class Worker:
                     next_poll = time.monotonic() + self._idle_timeout()
                 if more_maybe:
                     continue
+            if self._finished:
+                continue
             timeout = max(0.0, next_poll - time.monotonic()) if free > 0 else 1.0
-            if self._wake.wait(timeout):
+            self._wake.wait(timeout)
+            self._wake.clear()
+            if self._notified.is_set():
                 more_maybe = True
 
     def _max_jobs_reached(self) -> bool:
@@ -341,7 +346,7 @@ class Worker:
                     for channel in (CHANNEL_JOBS, CHANNEL_CANCEL, CHANNEL_TYPES):
                         conn.execute(f"LISTEN {channel}")
                     self._listening.set()
-                    self._wake.set()  # notifies may have been missed while not listening
+                    self._notify_claimable()  # notifies may have been missed while not listening
                     delay = 0.5
                     while not self._done.is_set():
                         for note in conn.notifies(timeout=0.5):
@@ -351,14 +356,18 @@ class Worker:
                     log.warning("LISTEN connection lost (%s); polling every %.1fs until it is back",
                                 err, self.settings.fallback_poll_interval)
                 self._listening.clear()
-                self._wake.set()
+                self._notify_claimable()
                 self._done.wait(delay)
                 delay = min(delay * 2, 10.0)
+
+    def _notify_claimable(self) -> None:
+        self._notified.set()
+        self._wake.set()
 
     def _on_notify(self, note: psycopg.Notify) -> None:
         if note.channel == CHANNEL_JOBS:
             if not self.settings.queues or note.payload in self.settings.queues:
-                self._wake.set()
+                self._notify_claimable()
         elif note.channel == CHANNEL_CANCEL:
             with self._running_lock:
                 entry = next((r for r in self._running.values() if str(r.job.id) == note.payload), None)
@@ -366,7 +375,7 @@ class Worker:
                 entry.ctx.interrupt(JobCanceled)
         elif note.channel == CHANNEL_TYPES:
             self._types_changed.set()
-            self._wake.set()
+            self._notify_claimable()
 
     # -- shutdown -----------------------------------------------------------------------
 

@@ -248,7 +248,7 @@ def _db_retry(fn: Callable[P, R]) -> Callable[P, R]:
     """Transient database errors (restart, failover) are retried in-process for a while."""
     return retry(
         retry=retry_if_exception_type(TRANSIENT_DB_ERRORS),
-        wait=wait_exponential_jitter(initial=0.05, max=2.0),
+        wait=wait_exponential_jitter(multiplier=0.05, max=2.0),
         stop=stop_after_delay(15),
         reraise=True,
         before_sleep=lambda state: log.warning(

@@ -77,21 +77,20 @@ class JobContext:
         """
         self.check()
         percent = max(0, min(100, round(fraction * 100)))
-        now = time.monotonic()
         with self._lock:
-            due = not self._written or percent >= 100 or now - self._last_write >= self._interval
             self._pending = (percent, stage, partial)
-            if not due:
-                return
         self.flush()
         self.check()
 
     def flush(self) -> None:
-        """Write pending progress, if any (the lease keeper calls this for throttled updates)."""
+        """Write the pending update once the interval allows (the lease keeper calls this so a
+        throttled update still goes out while the handler is busy)."""
         with self._lock:
-            pending, self._pending = self._pending, None
-            if pending is None:
+            pending = self._pending
+            due = not self._written or (pending is not None and pending[0] >= 100)
+            if pending is None or not (due or time.monotonic() - self._last_write >= self._interval):
                 return
+            self._pending = None
             self._written = True
             self._last_write = time.monotonic()
         from worker.queue import LeaseLost
