@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from typing import Any
@@ -147,7 +148,7 @@ def test_fence_rejects_a_stale_worker(queue, database_url, probe_type):
     from worker.queue import Outcome
 
     job_id = queue.enqueue(probe_type, {})
-    [job] = stale.claim([probe_type], 1)
+    stale.claim([probe_type], 1)
     time.sleep(0.3)
     assert fresh.rescue_expired() == {job_id: "queued"}
     [again] = fresh.claim([probe_type], 1)
@@ -194,7 +195,7 @@ def test_progress_writes_are_throttled(queue, start_worker, probe_type, sql):
     assert writes[0]["progress"] == 0  # the first report always goes out
     elapsed = (writes[-1]["at"] - writes[0]["at"]).total_seconds()
     assert 3 <= len(writes) <= elapsed / 0.5 + 1, writes
-    gaps = [(b["at"] - a["at"]).total_seconds() for a, b in zip(writes, writes[1:], strict=False)]
+    gaps = [(b["at"] - a["at"]).total_seconds() for a, b in itertools.pairwise(writes)]
     assert all(gap >= 0.45 for gap in gaps), gaps
     assert rows[-1]["progress"] == 100
 

@@ -6,9 +6,10 @@ import os
 import socket
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +31,9 @@ class Settings(BaseSettings):
         description="All local state: embedded database, local storage, built demo models.",
     )
     worker_id: str | None = Field(default=None, description="Defaults to host-pid.")
-    queues: list[str] = Field(default_factory=list, description="Queues to serve; empty means all.")
+    queues: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated queues to serve; empty means all."
+    )
     concurrency: int = Field(default=1, ge=1, le=256, description="Jobs run at once by one worker.")
     lease_seconds: float = Field(default=30.0, gt=0, description="A claimed job's lease; extended while it runs.")
     poll_interval: float = Field(
@@ -50,6 +53,13 @@ class Settings(BaseSettings):
     retry_max_seconds: float = Field(default=300.0, ge=0, description="Cap of the retry delay.")
     pool_size: int = Field(default=4, ge=1, description="Connections in the worker's pool.")
     storage_backend: str = Field(default="local", description="local | supabase")
+
+    @field_validator("queues", mode="before")
+    @classmethod
+    def comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [q.strip() for q in value.split(",") if q.strip()]
+        return value
 
     @cached_property
     def resolved_worker_id(self) -> str:

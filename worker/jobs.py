@@ -12,7 +12,6 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
 PayloadT = TypeVar("PayloadT", bound=BaseModel)
 
 

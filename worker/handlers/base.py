@@ -19,7 +19,7 @@ from worker.jobs import Job
 from worker.storage import Storage
 
 
-class JobInterrupted(BaseException):  # noqa: N818 - an interruption, not an error
+class JobInterrupted(BaseException):
     """Stops a handler. BaseException, so `except Exception` in handler code cannot swallow it."""
 
 
