@@ -86,7 +86,7 @@ def make_pool(url: str, size: int, name: str = "ourvidz") -> ConnectionPool[Conn
         check=ConnectionPool.check_connection,
         name=name,
         open=True,
-        reconnect_timeout=0,  # keep trying forever: a database restart delays work, never ends it
+        timeout=10.0,  # a caller waits this long for a connection, then retries or backs off
     )
 
 
