@@ -72,3 +72,26 @@ class ProbeHandler:
                 ctx.check()
                 time.sleep(0.01)
         return {"attempt": job.attempts, "echo": p.get("prompt")}
+
+
+class BatchProbeHandler:
+    """Batches up to 4 jobs; job payload {"fail": true} fails that job alone."""
+
+    max_batch_size = 4
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def load(self) -> None:
+        pass
+
+    def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
+        return self.run_batch([job], [ctx])[0]
+
+    def run_batch(self, jobs: list[Job], ctxs: list[JobContext]) -> list[Any]:
+        self.batches.append(len(jobs))
+        for ctx in ctxs:
+            ctx.progress(0.5, f"batch of {len(jobs)}")
+        time.sleep(0.2)
+        return [JobError(ErrorCode.INVALID_INPUT, "bad row") if job.payload.get("fail")
+                else {"batch": len(jobs), "n": job.payload.get("n")} for job in jobs]

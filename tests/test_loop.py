@@ -313,3 +313,17 @@ def test_new_job_type_is_served_without_restart(queue, start_worker):
     queue.upsert_job_type(name, "custom", "noop")
     job_id = queue.enqueue(name, {})
     assert wait_status(queue, job_id, "completed")["result"] == {"ok": True}
+
+
+def test_batching_handler_gets_claimed_jobs_as_one_batch(queue, start_worker):
+    from tests.support import BatchProbeHandler
+
+    handler = BatchProbeHandler()
+    queue.upsert_job_type("batchy", "test", "batchy")
+    ids = [queue.enqueue("batchy", {"n": i, "fail": i == 2}) for i in range(6)]
+    start_worker({"batchy": handler}, concurrency=8)
+    rows = [wait_status(queue, job_id, "completed", "failed") for job_id in ids]
+    assert sorted(handler.batches) == [2, 4]
+    assert [r["status"] for r in rows] == ["completed"] * 2 + ["failed"] + ["completed"] * 3
+    assert rows[2]["error"]["code"] == "INVALID_INPUT"
+    assert {r["result"]["n"] for r in rows if r["result"]} == {0, 1, 3, 4, 5}

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections import deque
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import FrameType
@@ -158,8 +159,7 @@ class Worker:
                     log.warning("claim failed (%s); retrying", err)
                     self._wake.wait(min(self.settings.fallback_poll_interval, 1.0))
                     continue
-                for job in jobs:
-                    self._start(job)
+                self._dispatch(jobs)
                 more_maybe = len(jobs) == free
                 if not more_maybe:
                     next_poll = time.monotonic() + self._idle_timeout()
@@ -196,13 +196,31 @@ class Worker:
 
     # -- running one job ----------------------------------------------------------------
 
-    def _start(self, job: Job) -> None:
-        job.type_info = self._served.get(job.job_type)
-        ctx = JobContext(job, self.storage, self._progress_writer(job.id), self.settings.progress_interval)
-        thread = threading.Thread(target=self._run_job, args=(job, ctx), name=f"job-{job.id}", daemon=True)
+    def _dispatch(self, jobs: list[Job]) -> None:
+        """One thread per job, except that jobs of a batching handler share a thread and a batch."""
+        batches: dict[str, list[Job]] = {}
+        for job in jobs:
+            job.type_info = self._served.get(job.job_type)
+            name = job.type_info.handler if job.type_info else ""
+            size = getattr(self.handlers.get(name), "max_batch_size", 1)
+            if size > 1 and hasattr(self.handlers[name], "run_batch"):
+                batch = batches.setdefault(name, [])
+                batch.append(job)
+                if len(batch) == size:
+                    self._start(batches.pop(name))
+            else:
+                self._start([job])
+        for batch in batches.values():
+            self._start(batch)
+
+    def _start(self, jobs: list[Job]) -> None:
+        ctxs = [JobContext(job, self.storage, self._progress_writer(job.id), self.settings.progress_interval)
+                for job in jobs]
+        thread = threading.Thread(target=self._run_jobs, args=(jobs, ctxs), name=f"job-{jobs[0].id}", daemon=True)
         with self._running_lock:
-            self._running[job.id] = Running(job, ctx, thread)
-        self.stats.claimed += 1
+            for job, ctx in zip(jobs, ctxs, strict=True):
+                self._running[job.id] = Running(job, ctx, thread)
+        self.stats.claimed += len(jobs)
         thread.start()
 
     def _progress_writer(self, job_id: UUID) -> Any:
@@ -215,44 +233,57 @@ class Worker:
 
         return write
 
-    def _run_job(self, job: Job, ctx: JobContext) -> None:
-        outcome: Outcome | None
+    def _run_jobs(self, jobs: list[Job], ctxs: list[JobContext]) -> None:
         try:
-            result = self._call_handler(job, ctx)
-            json.dumps(result)  # a result the row cannot hold fails here, not in the finish
-            outcome = Outcome(job.id, "completed", result=result)
-        except JobCanceled:
-            outcome = Outcome(job.id, "canceled")
-        except (JobLeaseLost, WorkerStopping):
-            outcome = None  # not ours to finish: another worker holds it, or we release it
-        except JobInterrupted:
-            outcome = None
+            values = self._call_handler(jobs, ctxs)
         except BaseException as exc:
-            outcome = self._failure(job, classify(exc))
-        finally:
+            values = [exc] * len(jobs)
+        for job, ctx, value in zip(jobs, ctxs, values, strict=True):
+            outcome = self._outcome(job, ctx, value)
             ctx.cleanup()
-        if outcome is not None:
-            self._finished.append(outcome)
-        else:
-            with self._running_lock:
-                self._running.pop(job.id, None)
+            if outcome is not None:
+                self._finished.append(outcome)
+            else:
+                with self._running_lock:
+                    self._running.pop(job.id, None)
         self._wake.set()
 
-    def _call_handler(self, job: Job, ctx: JobContext) -> dict[str, Any]:
-        info = job.type_info
+    def _call_handler(self, jobs: list[Job], ctxs: list[JobContext]) -> list[Any]:
+        """Run the handler on one job (run) or a batch (run_batch): one result or exception per job."""
+        info = jobs[0].type_info
         handler = self.handlers.get(info.handler) if info else None
         if info is None or handler is None:
-            raise JobError(ErrorCode.UNKNOWN_JOB_TYPE, f"worker {self.id} has no handler for {job.job_type!r}")
-        self._ensure_loaded(info.handler, handler, ctx)
-        if getattr(handler, "concurrent", False):
-            result = handler.run(job, ctx)
-        else:
-            with self._run_locks.setdefault(info.handler, threading.Lock()):
-                result = handler.run(job, ctx)
-        ctx.check()
-        if not isinstance(result, dict):
-            raise JobError(ErrorCode.GENERATION_FAILED, f"handler returned {type(result).__name__}, not a dict")
-        return result
+            raise JobError(ErrorCode.UNKNOWN_JOB_TYPE, f"worker {self.id} has no handler for {jobs[0].job_type!r}")
+        self._ensure_loaded(info.handler, handler, ctxs[0])
+        lock: AbstractContextManager[Any] = (
+            nullcontext() if getattr(handler, "concurrent", False)
+            else self._run_locks.setdefault(info.handler, threading.Lock())
+        )
+        with lock:
+            if len(jobs) == 1:
+                return [handler.run(jobs[0], ctxs[0])]
+            values = list(handler.run_batch(jobs, ctxs))  # type: ignore[attr-defined]
+        if len(values) != len(jobs):
+            raise JobError(ErrorCode.GENERATION_FAILED, f"{info.handler} returned {len(values)} results for "
+                                                        f"{len(jobs)} jobs")
+        return values
+
+    def _outcome(self, job: Job, ctx: JobContext, value: Any) -> Outcome | None:
+        """What to write for one job, from its handler's result or exception (None: not ours to write)."""
+        try:
+            if isinstance(value, BaseException):
+                raise value
+            ctx.check()
+            if not isinstance(value, dict):
+                raise JobError(ErrorCode.GENERATION_FAILED, f"handler returned {type(value).__name__}, not a dict")
+            json.dumps(value)  # a result the row cannot hold fails here, not in the finish
+            return Outcome(job.id, "completed", result=value)
+        except JobCanceled:
+            return Outcome(job.id, "canceled")
+        except JobInterrupted:
+            return None  # lease lost (another worker holds it) or shutdown (we release it)
+        except BaseException as exc:
+            return self._failure(job, classify(exc))
 
     def _ensure_loaded(self, name: str, handler: Handler, ctx: JobContext) -> None:
         if name in self._loaded:

@@ -37,6 +37,14 @@ class WorkerStopping(JobInterrupted):
 
 @runtime_checkable
 class Handler(Protocol):
+    """Optional attributes the worker honours:
+
+    - `concurrent = True`: run() may be called from several threads at once (else serialized).
+    - `max_batch_size = N` with `run_batch(jobs, ctxs) -> list[result | exception]`: claimed jobs
+      of this handler are run together, up to N at a time; each job still gets its own context,
+      result, error and cancellation.
+    """
+
     def load(self) -> None:
         """Load models once, before the first job. May be slow."""
         ...
