@@ -1,16 +1,52 @@
-"""Where asset bytes go. `LocalStorage` is the embedded default; Supabase Storage plugs in here."""
+"""Where asset bytes go: `LocalStorage` (the embedded default) or `SupabaseStorage`.
+
+Objects live at `{bucket}/{user_id}/{job_id}/{index}.{ext}` (the path is chosen by
+`JobContext.publish`); an upload replaces what is there, so a retried job overwrites its earlier
+assets instead of adding copies. A failed upload raises `StorageError` and the job is retried;
+the row never holds a half-published result because it is written only after the handler returns.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+if TYPE_CHECKING:
+    import httpx
+
+    from worker.config import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class StorageError(Exception):
-    """Publishing failed; the job is retried (no half-published result is kept)."""
+    """Publishing or reading failed. `retryable` says whether trying again later may help."""
+
+    def __init__(self, message: str, *, retryable: bool = True, status: int | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
+
+
+class ObjectNotFound(StorageError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False, status=404)
+
+
+class ObjectTooLarge(StorageError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False, status=413)
 
 
 @dataclass(frozen=True)
@@ -20,15 +56,29 @@ class StoredObject:
     url: str
     content_type: str
     size: int
+    url_expires_at: str | None = None  # set for signed URLs: re-sign `path` after this
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 class Storage(Protocol):
     def upload(self, bucket: str, path: str, data: bytes, content_type: str) -> StoredObject:
         """Store `data` at bucket/path, replacing what is there (a retried job overwrites)."""
         ...
+
+    def download(self, bucket: str, path: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; ObjectNotFound if absent, ObjectTooLarge beyond max_bytes."""
+        ...
+
+
+def check_object_path(bucket: str, path: str) -> None:
+    """Refuse names that could leave the bucket or the owner's folder."""
+    if not bucket or "/" in bucket or bucket in (".", ".."):
+        raise StorageError(f"invalid bucket name {bucket!r}", retryable=False)
+    parts = path.split("/")
+    if "\\" in path or "\x00" in path or any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"invalid object path {path!r}", retryable=False)
 
 
 class LocalStorage:
@@ -37,10 +87,15 @@ class LocalStorage:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def upload(self, bucket: str, path: str, data: bytes, content_type: str) -> StoredObject:
+    def _target(self, bucket: str, path: str) -> Path:
+        check_object_path(bucket, path)
         target = (self.root / bucket / path).resolve()
         if self.root.resolve() not in target.parents:
-            raise StorageError(f"refusing to write outside {self.root}: {bucket}/{path}")
+            raise StorageError(f"refusing to use a path outside {self.root}: {bucket}/{path}", retryable=False)
+        return target
+
+    def upload(self, bucket: str, path: str, data: bytes, content_type: str) -> StoredObject:
+        target = self._target(bucket, path)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
@@ -50,3 +105,179 @@ class LocalStorage:
         except OSError as err:
             raise StorageError(f"local storage write failed: {err}") from err
         return StoredObject(bucket, path, target.as_uri(), content_type, len(data))
+
+    def download(self, bucket: str, path: str, max_bytes: int | None = None) -> bytes:
+        target = self._target(bucket, path)
+        try:
+            with target.open("rb") as f:
+                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(f"{bucket}/{path} does not exist") from None
+        except OSError as err:
+            raise StorageError(f"local storage read failed: {err}") from err
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ObjectTooLarge(f"{bucket}/{path} is larger than {max_bytes} bytes")
+        return data
+
+
+class SupabaseStorage:
+    """Supabase Storage through the official client (supabase-py → storage3).
+
+    Uploads are upserts (`x-upsert: true`) with the asset's content type. The URL put in the
+    result is a signed URL valid `signed_url_seconds` for a private bucket, or the public URL for
+    a public one. Which buckets are public: `public_buckets` when given (OURVIDZ_STORAGE_PUBLIC_BUCKETS),
+    otherwise each bucket's own `public` flag, read once from the Storage API on first use.
+
+    Transient failures (network errors, timeouts, HTTP 5xx/429/408) are retried in-process with
+    exponential backoff and jitter, `attempts` tries in all; then, or at once for a permanent
+    failure (unknown bucket, MIME type or size refused, bad key), StorageError is raised.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        *,
+        signed_url_seconds: int = 7 * 24 * 3600,
+        public_buckets: Iterable[str] | None = None,
+        timeout: float = 30.0,
+        attempts: int = 4,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 8.0,
+        cache_control_seconds: int = 3600,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        import httpx
+        from supabase import ClientOptions, create_client
+
+        self._http = http_client or httpx.Client(timeout=httpx.Timeout(timeout), follow_redirects=True)
+        client = create_client(
+            url, key,
+            options=ClientOptions(httpx_client=self._http, auto_refresh_token=False, persist_session=False),
+        )
+        self._storage = client.storage
+        self.signed_url_seconds = signed_url_seconds
+        self.public_buckets = frozenset(public_buckets) if public_buckets is not None else None
+        self._public: dict[str, bool] = {}
+        self._public_lock = threading.Lock()
+        self._attempts = attempts
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._cache_control = str(cache_control_seconds)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SupabaseStorage:
+        if not settings.supabase_url or settings.supabase_service_role_key is None:
+            raise ValueError("storage_backend=supabase needs SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY")
+        return cls(
+            settings.supabase_url,
+            settings.supabase_service_role_key.get_secret_value(),
+            signed_url_seconds=settings.signed_url_seconds,
+            public_buckets=settings.storage_public_buckets,
+            timeout=settings.storage_timeout,
+            attempts=settings.storage_attempts,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- Storage --------------------------------------------------------------------------
+
+    def upload(self, bucket: str, path: str, data: bytes, content_type: str) -> StoredObject:
+        check_object_path(bucket, path)
+        options: Any = {"content-type": content_type, "upsert": "true", "cache-control": self._cache_control}
+        self._retrying(f"upload {bucket}/{path}",
+                       lambda: self._storage.from_(bucket).upload(path, data, options))
+        # Upload and URL are retried separately so a failed signing does not upload again; the
+        # object is overwritten by the job's retry anyway if signing never succeeds.
+        url, expires = self._retrying(f"URL for {bucket}/{path}", lambda: self._url(bucket, path))
+        return StoredObject(bucket, path, url, content_type, len(data), expires)
+
+    def download(self, bucket: str, path: str, max_bytes: int | None = None) -> bytes:
+        check_object_path(bucket, path)
+        # Whole-body download: the bucket's file_size_limit bounds what can be there.
+        data = self._retrying(f"download {bucket}/{path}", lambda: self._storage.from_(bucket).download(path))
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ObjectTooLarge(f"{bucket}/{path} is larger than {max_bytes} bytes")
+        return data
+
+    def is_public(self, bucket: str) -> bool:
+        if self.public_buckets is not None:
+            return bucket in self.public_buckets
+        with self._public_lock:
+            if bucket not in self._public:
+                self._public[bucket] = bool(self._storage.get_bucket(bucket).public)
+            return self._public[bucket]
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _url(self, bucket: str, path: str) -> tuple[str, str | None]:
+        api = self._storage.from_(bucket)
+        if self.is_public(bucket):
+            return api.get_public_url(path), None
+        expires = datetime.now(UTC) + timedelta(seconds=self.signed_url_seconds)
+        signed = api.create_signed_url(path, self.signed_url_seconds)["signedURL"]
+        if not signed:
+            raise StorageError(f"Storage returned no signed URL for {bucket}/{path}")
+        return signed, expires.isoformat(timespec="seconds")
+
+    def _retrying(self, what: str, fn: Callable[[], T]) -> T:
+        retrying = Retrying(
+            stop=stop_after_attempt(self._attempts),
+            wait=wait_random_exponential(multiplier=self._backoff_initial, max=self._backoff_max),
+            retry=retry_if_exception(_transient),
+            before_sleep=lambda state: log.warning(
+                "storage: %s failed (attempt %d): %s; retrying", what, state.attempt_number,
+                state.outcome.exception() if state.outcome else "?"),
+            reraise=True,
+        )
+        try:
+            return retrying(fn)
+        except StorageError:
+            raise
+        except Exception as err:
+            raise _storage_error(what, err) from err
+
+
+def _status(err: BaseException) -> int | None:
+    """The HTTP status of a storage3 error; Storage puts the real one in the body's statusCode."""
+    from storage3.exceptions import StorageApiError
+
+    if not isinstance(err, StorageApiError):
+        return None
+    try:
+        return int(str(err.status))
+    except ValueError:
+        return None
+
+
+def _transient(err: BaseException) -> bool:
+    import httpx
+
+    if isinstance(err, httpx.TransportError):
+        return True
+    status = _status(err)
+    return status is not None and (status >= 500 or status in (408, 429))
+
+
+def _storage_error(what: str, err: Exception) -> StorageError:
+    from storage3.exceptions import StorageApiError
+
+    status = _status(err)
+    detail = err.message if isinstance(err, StorageApiError) else f"{type(err).__name__}: {err}"
+    code = f" {err.code}" if isinstance(err, StorageApiError) else ""
+    message = f"storage: {what} failed: {detail}" + (f" (HTTP {status}{code})" if status else "")
+    if status == 404 or (isinstance(err, StorageApiError) and err.code in ("not_found", "NoSuchKey")):
+        return ObjectNotFound(message)
+    if status == 413:
+        return ObjectTooLarge(message)
+    if isinstance(err, ValueError) and not isinstance(err, StorageApiError):
+        return StorageError(message, retryable=False)
+    return StorageError(message, retryable=_transient(err), status=status)
+
+
+def make_storage(settings: Settings) -> Storage:
+    """The backend chosen by OURVIDZ_STORAGE_BACKEND."""
+    if settings.storage_backend == "supabase":
+        return SupabaseStorage.from_settings(settings)
+    return LocalStorage(settings.storage_dir)
