@@ -8,6 +8,8 @@ fresh database cloned from a migrated template (CREATE DATABASE ... TEMPLATE ...
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -51,7 +53,7 @@ def _docker_available() -> bool:
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+def pg_server() -> Iterator[PostgresServer]:
     if url := os.environ.get("TEST_DATABASE_URL"):
         yield PostgresServer(url, "TEST_DATABASE_URL")
         return
@@ -61,12 +63,16 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServ
         with PostgresContainer("postgres:15", driver=None) as container:
             yield PostgresServer(container.get_connection_url(), "testcontainers")
         return
-    embedded = db.EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "pgdata")
+    # Outside pytest's own temp folders: pytest prunes old run folders, and a concurrent run
+    # must not delete the data directory of a server that is still in use.
+    folder = Path(tempfile.mkdtemp(prefix="ourvidz-test-pg-"))
+    embedded = db.EmbeddedPostgres(folder / "pgdata")
     with db.connect(embedded.url) as conn:
         conn.execute("ALTER SYSTEM SET max_connections = 300")
     embedded.restart()
     yield PostgresServer(embedded.url, "embedded", restart=embedded.restart)
     embedded.stop()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,9 @@ import os
 import socket
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -52,9 +52,99 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(default=2.0, ge=0, description="First retry delay; doubles per attempt.")
     retry_max_seconds: float = Field(default=300.0, ge=0, description="Cap of the retry delay.")
     pool_size: int = Field(default=4, ge=1, description="Connections in the worker's pool.")
-    storage_backend: str = Field(default="local", description="local | supabase")
+    chat_model: str = Field(
+        default="Qwen/Qwen2.5-7B-Instruct", description="Chat model: a hub id or a local folder (from_pretrained)."
+    )
+    chat_device: str = Field(default="auto", description="auto (cuda when available) | cpu | cuda | cuda:N.")
+    chat_max_batch_size: int = Field(
+        default=8, ge=1, le=256,
+        description="Chat jobs generated together as one batch (the worker's concurrency bounds it too).",
+    )
+    chat_context_tokens: int = Field(
+        default=8192, ge=256, description="Prompt + reply budget in tokens; older history is dropped to fit."
+    )
+    chat_static_cache: bool = Field(
+        default=False, description="Static KV cache for chat decoding (compiled with torch.compile on CUDA)."
+    )
+    sdxl_model: str = Field(
+        default="stabilityai/stable-diffusion-xl-base-1.0",
+        description="SDXL checkpoint: a hub id, a diffusers folder, or a single-file .safetensors/.ckpt "
+                    "(loaded with from_single_file; its configs come from the base model's hub repo or cache).",
+    )
+    sdxl_variant: str | None = Field(
+        default=None, description="Weights variant to load, e.g. fp16 (half the download for hub repos that have it)."
+    )
+    wan_model: str = Field(
+        default="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", description="WAN 2.1 text-to-video checkpoint (WanPipeline)."
+    )
+    wan_vace_model: str | None = Field(
+        default="Wan-AI/Wan2.1-VACE-1.3B-diffusers",
+        description="WAN VACE checkpoint serving reference jobs (first/last frame, reference image); loaded on the "
+                    "first such job, sharing the T2V text encoder and VAE. Empty: none.",
+    )
+    wan_i2v_model: str | None = Field(
+        default=None,
+        description="WAN 14B I2V (single/start frame) or FLF2V (first+last frame) checkpoint "
+                    "(WanImageToVideoPipeline), used for reference jobs when no VACE model is set. Empty: none.",
+    )
+    diffusion_device: str = Field(
+        default="auto", description="SDXL/WAN device: auto (cuda when available) | cpu | cuda | cuda:N."
+    )
+    diffusion_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="SDXL/WAN weights dtype; auto: bfloat16 on GPU, float32 on CPU."
+    )
+    diffusion_cpu_offload: bool = Field(
+        default=False, description="Model CPU offload for SDXL/WAN (less VRAM, slower); ignored without a GPU."
+    )
+    diffusion_vae_tiling: bool = Field(
+        default=False, description="Tiled VAE decoding (less VRAM for big images/videos); always on after an OOM."
+    )
+    storage_backend: Literal["local", "supabase"] = Field(
+        default="local",
+        description="local: files under HOME/storage. supabase: Supabase Storage at SUPABASE_URL.",
+    )
+    supabase_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SUPABASE_URL", "OURVIDZ_SUPABASE_URL"),
+        description="Project URL (https://<ref>.supabase.co) for Storage.",
+    )
+    supabase_service_role_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SUPABASE_SERVICE_ROLE_KEY", "OURVIDZ_SUPABASE_SERVICE_ROLE_KEY"),
+        description="Service role (or secret) key: the worker writes every user's folder.",
+    )
+    signed_url_seconds: int = Field(
+        default=7 * 24 * 3600, ge=1,
+        description="Expiry of the signed URLs put in results for private buckets; the path stays valid "
+                    "for re-signing.",
+    )
+    storage_public_buckets: Annotated[list[str] | None, NoDecode] = Field(
+        default=None,
+        description="Comma-separated buckets whose assets get public URLs. Unset: each bucket's own "
+                    "`public` flag, read from the Storage API on first use.",
+    )
+    storage_timeout: float = Field(default=30.0, gt=0, description="Seconds per Storage API request.")
+    storage_attempts: int = Field(
+        default=4, ge=1, le=20, description="Tries per upload in-process (with backoff) before the job retries."
+    )
+    reference_max_bytes: int = Field(
+        default=10 * 1024 * 1024, ge=1024, description="Largest reference image accepted, in bytes."
+    )
+    reference_max_side: int = Field(default=4096, ge=64, description="Largest reference width/height in pixels.")
+    reference_min_side: int = Field(default=64, ge=1, description="Smallest reference width/height in pixels.")
+    reference_timeout: float = Field(default=15.0, gt=0, description="Seconds to fetch one reference image.")
+    reference_bucket: str = Field(
+        default="reference_images", description="Bucket of a reference given as '<user_id>/<file>'."
+    )
+    reference_allow_http: bool = Field(
+        default=False, description="Accept http:// reference URLs (tests and local development only)."
+    )
+    reference_allow_private_hosts: bool = Field(
+        default=False,
+        description="Accept reference URLs on loopback/private addresses (tests and local development only).",
+    )
 
-    @field_validator("queues", mode="before")
+    @field_validator("queues", "storage_public_buckets", mode="before")
     @classmethod
     def comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):

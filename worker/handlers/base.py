@@ -125,6 +125,11 @@ class JobContext:
     # -- files --------------------------------------------------------------------------
 
     @property
+    def storage(self) -> Storage:
+        """The storage backend, for reading inputs such as reference images (worker.media)."""
+        return self._storage
+
+    @property
     def scratch_dir(self) -> Path:
         """A private directory for this job, removed when the job ends."""
         if self._scratch is None:
@@ -157,6 +162,7 @@ class JobContext:
 
 BUILTIN_HANDLERS: dict[str, str] = {
     "simulate": "worker.handlers.simulate:SimulateHandler",
+    "chat": "worker.handlers.chat:ChatHandler",
 }
 
 
