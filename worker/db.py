@@ -53,6 +53,11 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         self._server.cleanup()
+        if (self.pgdata / "postmaster.pid").exists():
+            # pgserver's bookkeeping can miss a server restarted behind its back (restart above)
+            from pgserver import _commands
+
+            _commands.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=self._server.system_user)
 
 
 _embedded: dict[Path, EmbeddedPostgres] = {}

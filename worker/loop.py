@@ -123,6 +123,7 @@ class Worker:
             self._done.set()
             for thread in helpers:
                 thread.join(timeout=5)
+            self._set_state("stopped")  # after the lease keeper is gone, so no late beat overwrites it
             self.pool.close()
         return self.stats
 
@@ -434,7 +435,6 @@ class Worker:
             log.info("released %d running jobs back to the queue", len(released))
             with self._running_lock:
                 self._running.clear()
-        self._set_state("stopped")
 
     def _set_state(self, state: str) -> None:
         try:

@@ -70,7 +70,7 @@ HEARTBEAT = """
 WITH beat AS (
     UPDATE public.workers
     SET heartbeat_at = now(), state = %(state)s, current_jobs = %(job_ids)s::uuid[]
-    WHERE id = %(worker_id)s
+    WHERE id = %(worker_id)s AND state <> 'stopped'
 )
 UPDATE public.jobs
 SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
