@@ -18,7 +18,8 @@ from worker.config import Settings
 from worker.handlers.base import Handler, builtin_handlers, load_handler
 from worker.loop import Worker
 from worker.queue import JobQueue
-from worker.storage import LocalStorage, Storage
+from worker.storage import Storage
+from worker.storage import make_storage as storage_backend
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 types_app = typer.Typer(help="List job types, or register one served by a custom handler.")
@@ -50,7 +51,8 @@ def _queue(settings: Settings) -> JobQueue:
 
 
 def make_storage(settings: Settings) -> Storage:
-    return LocalStorage(settings.storage_dir)
+    """LocalStorage under HOME/storage, or Supabase Storage when OURVIDZ_STORAGE_BACKEND=supabase."""
+    return storage_backend(settings)
 
 
 @app.command()
@@ -126,10 +128,10 @@ def jobs(
     status: Annotated[str | None, typer.Option(help="Only this status.")] = None,
     watch: Annotated[str | None, typer.Option(help="Follow one job until it ends.")] = None,
 ) -> None:
-    """List recent jobs, or follow one with --watch ID."""
-    queue = _queue(Settings())
+    """List recent jobs, or follow one with --watch ID (through Supabase Realtime when SUPABASE_URL is set)."""
     if watch:
-        raise typer.Exit(_watch(queue, UUID(watch)))
+        raise typer.Exit(_watch(Settings(), UUID(watch)))
+    queue = _queue(Settings())
     table = Table("id", "type", "status", "progress", "stage", "attempts", "wait s", "run s", "error")
     for row in queue.recent_jobs(limit, status):
         table.add_row(
@@ -141,10 +143,37 @@ def jobs(
     console.print(table)
 
 
-def _watch(queue: JobQueue, job_id: UUID) -> int:
-    from worker.demo import follow
+def _watch(settings: Settings, job_id: UUID) -> int:
+    from worker.watch import watch_backend
 
-    row = follow(queue, [job_id], console)[0]
+    if watch_backend(settings) == "supabase":
+        import asyncio
+
+        from worker.watch import watch_supabase
+
+        def show(row: dict[str, Any], source: str) -> None:
+            console.print(f"{_status(row['status'])} {row.get('progress', 0)}% {row.get('stage') or ''}"
+                          f" [dim]({source})[/]")
+
+        try:
+            row = asyncio.run(watch_supabase(settings, job_id, show))
+        except (LookupError, TimeoutError) as err:
+            console.print(f"[red]{err or 'timed out'}[/]")
+            return 2
+    else:
+        if settings.supabase_url:
+            console.print("[yellow]SUPABASE_URL is set but SUPABASE_SERVICE_ROLE_KEY is not: "
+                          "following the job in the database instead of through Realtime[/]")
+        from worker.demo import follow
+
+        queue = _queue(settings)
+        try:
+            row = follow(queue, [job_id], console)[0]
+        except LookupError as err:
+            console.print(f"[red]{err}[/]")
+            return 2
+        finally:
+            queue.pool.close()
     console.print_json(json.dumps({k: row[k] for k in ("status", "result", "error")}, default=str))
     return 0 if row["status"] == "completed" else 1
 

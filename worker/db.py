@@ -186,7 +186,7 @@ def _skip_block_comment(sql: str, i: int) -> int:
 def _append_statement(statements: list[str], text: str) -> None:
     body = "\n".join(line for line in text.strip().splitlines() if not line.strip().startswith("--"))
     if body.strip().rstrip(";").strip():
-        statements.append(text.strip())
+        statements.append(text.strip().removesuffix(";").rstrip())  # the CLI records them without it
 
 
 def is_supabase(conn: Connection) -> bool:

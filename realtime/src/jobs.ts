@@ -1,0 +1,350 @@
+/**
+ * The frontend side of the ourvidz-worker contract: the `public.jobs` row is the API.
+ *
+ * - submitJob: insert a row as the signed-in user (RLS: only for themself, only client columns).
+ * - watchJob:  follow one job through the private Realtime Broadcast topic `job:<id>` (sent by a
+ *              database trigger, joinable by the job's owner only), falling back to Postgres
+ *              Changes when the private channel cannot be joined; the row is re-read on every
+ *              (re)subscribe so a change sent while disconnected is never missed.
+ * - cancelJob: ask for cancellation; a queued job is canceled at once, a running one at the
+ *              handler's next progress point.
+ */
+import type { RealtimeChannel, SupabaseClient } from '@supabase/supabase-js'
+
+// Any generated `Database` type (or none) is accepted.
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+export type AnySupabaseClient = SupabaseClient<any, any, any>
+
+export type JobStatus = 'queued' | 'processing' | 'completed' | 'failed' | 'canceled'
+export type TerminalStatus = Extract<JobStatus, 'completed' | 'failed' | 'canceled'>
+export const TERMINAL_STATUSES: readonly TerminalStatus[] = ['completed', 'failed', 'canceled']
+
+export function isTerminal(status: JobStatus): status is TerminalStatus {
+  return (TERMINAL_STATUSES as readonly JobStatus[]).includes(status)
+}
+
+/** worker/jobs.py ErrorCode. */
+export type JobErrorCode =
+  | 'INVALID_INPUT'
+  | 'UNKNOWN_JOB_TYPE'
+  | 'GENERATION_FAILED'
+  | 'OOM_ERROR'
+  | 'MODEL_LOAD_ERROR'
+  | 'NETWORK_ERROR'
+  | 'STORAGE_ERROR'
+  | 'TIMEOUT_ERROR'
+  | 'DATABASE_ERROR'
+  | 'WORKER_LOST'
+
+export interface JobError {
+  code: JobErrorCode
+  message: string
+  retryable: boolean
+}
+
+/** One entry of `errors`: a failed attempt. */
+export interface JobAttemptError extends JobError {
+  attempt: number
+  worker_id: string | null
+  at: string
+}
+
+/** One published file: `{bucket}/{user_id}/{job_id}/{index}.{ext}` in Supabase Storage. */
+export interface JobAsset {
+  bucket: string
+  path: string
+  /** Signed (expires at url_expires_at; re-sign `path` after that) or public URL. */
+  url: string
+  url_expires_at?: string
+  content_type: string
+  size: number
+  index: number
+  width?: number
+  height?: number
+  frames?: number
+  fps?: number
+  duration?: number
+  [key: string]: unknown
+}
+
+export interface JobResult {
+  assets?: JobAsset[]
+  /** Chat job types. */
+  text?: string
+  seed?: number
+  generation_time?: number
+  [key: string]: unknown
+}
+
+export type Json = string | number | boolean | null | Json[] | { [key: string]: Json }
+
+/** A `public.jobs` row as the owner reads it. */
+export interface JobRow {
+  id: string
+  user_id: string | null
+  job_type: string
+  queue: string
+  status: JobStatus
+  payload: { [key: string]: Json }
+  priority: number
+  run_at: string
+  attempts: number
+  max_attempts: number
+  worker_id: string | null
+  lease_expires_at: string | null
+  /** 0..100 */
+  progress: number
+  stage: string | null
+  cancel_requested: boolean
+  /** Set when completed; a partial result (streamed text) may appear while processing. */
+  result: JobResult | null
+  /** Set when failed, and for the last failed attempt of a retried job. */
+  error: JobError | null
+  errors: JobAttemptError[]
+  created_at: string
+  started_at: string | null
+  finished_at: string | null
+  updated_at: string
+}
+
+/** What the broadcast trigger sends to `job:<id>` (event `job`) on each visible change. */
+export type JobUpdate = Pick<
+  JobRow,
+  | 'id'
+  | 'status'
+  | 'progress'
+  | 'stage'
+  | 'result'
+  | 'error'
+  | 'attempts'
+  | 'max_attempts'
+  | 'cancel_requested'
+  | 'updated_at'
+>
+
+export const JOB_BROADCAST_EVENT = 'job'
+export const jobTopic = (id: string): string => `job:${id}`
+
+// --- submit ------------------------------------------------------------------------------
+
+export interface SubmitOptions {
+  /** Within the range the job type allows (public.job_limits); default 0. */
+  priority?: number
+}
+
+/**
+ * Why an insert was refused. `code` is the Postgres error code: OVQTA (a quota: active jobs,
+ * jobs per minute, payload or prompt size, priority range), OVTYP (unknown or disabled job
+ * type), 42501 (not signed in / not allowed). `message` is written to be shown to the user.
+ */
+export class JobSubmitError extends Error {
+  readonly code: string
+  readonly hint: string | null
+  /** For OVQTA: { quota, limit, current, job_type }. */
+  readonly details: { [key: string]: Json } | null
+
+  constructor(code: string, message: string, details: string | null, hint: string | null) {
+    super(message)
+    this.name = 'JobSubmitError'
+    this.code = code
+    this.hint = hint
+    this.details = parseDetails(details)
+  }
+
+  get isQuota(): boolean {
+    return this.code === 'OVQTA'
+  }
+}
+
+function parseDetails(details: string | null): { [key: string]: Json } | null {
+  if (!details) return null
+  try {
+    const parsed: unknown = JSON.parse(details)
+    return typeof parsed === 'object' && parsed !== null && !Array.isArray(parsed)
+      ? (parsed as { [key: string]: Json })
+      : null
+  } catch {
+    return null
+  }
+}
+
+/** Insert a job as the signed-in user and return the row (already `failed` for an unknown type). */
+export async function submitJob(
+  supabase: AnySupabaseClient,
+  jobType: string,
+  payload: { [key: string]: Json },
+  opts: SubmitOptions = {},
+): Promise<JobRow> {
+  const row: { job_type: string; payload: { [key: string]: Json }; priority?: number } = {
+    job_type: jobType,
+    payload,
+  }
+  if (opts.priority !== undefined) row.priority = opts.priority
+  const { data, error } = await supabase.from('jobs').insert(row).select().single()
+  if (error) throw new JobSubmitError(error.code, error.message, error.details, error.hint)
+  return data as JobRow
+}
+
+// --- cancel ------------------------------------------------------------------------------
+
+/** Ask for cancellation. Returns the row, or null when the job had already ended. */
+export async function cancelJob(supabase: AnySupabaseClient, id: string): Promise<JobRow | null> {
+  const { data, error } = await supabase
+    .from('jobs')
+    .update({ cancel_requested: true })
+    .eq('id', id)
+    .in('status', ['queued', 'processing'])
+    .select()
+    .maybeSingle()
+  if (error) throw new JobSubmitError(error.code, error.message, error.details, error.hint)
+  return (data as JobRow | null) ?? null
+}
+
+// --- watch -------------------------------------------------------------------------------
+
+export type WatchSource = 'broadcast' | 'postgres_changes' | 'read'
+
+export interface WatchOptions {
+  /** Give up (reject `done`) after this many milliseconds; default: never. */
+  timeoutMs?: number
+  /** Skip Broadcast and use Postgres Changes only. */
+  postgresChangesOnly?: boolean
+  /** Called when a channel fails; the watch goes on with the fallback or re-reads. */
+  onError?: (err: Error) => void
+}
+
+export interface JobWatch {
+  /** Resolves with the terminal row; every channel is removed by then. */
+  readonly done: Promise<JobRow>
+  /** The newest row seen so far. */
+  readonly current: () => JobRow | null
+  /** Stop watching (rejects `done` if the job has not ended). */
+  readonly stop: () => Promise<void>
+}
+
+/**
+ * Follow one job until it ends. `onChange` gets the merged row each time it moves forward
+ * (updates arrive from several sources and may repeat or interleave: older ones are dropped).
+ */
+export function watchJob(
+  supabase: AnySupabaseClient,
+  id: string,
+  onChange: (row: JobRow, source: WatchSource) => void,
+  opts: WatchOptions = {},
+): JobWatch {
+  let current: JobRow | null = null
+  let channel: RealtimeChannel | null = null
+  let finished = false
+  let timer: ReturnType<typeof setTimeout> | undefined
+  let resolveDone!: (row: JobRow) => void
+  let rejectDone!: (err: Error) => void
+  const done = new Promise<JobRow>((resolve, reject) => {
+    resolveDone = resolve
+    rejectDone = reject
+  })
+
+  const cleanup = async (): Promise<void> => {
+    finished = true
+    if (timer !== undefined) clearTimeout(timer)
+    if (channel) {
+      const ch = channel
+      channel = null
+      await supabase.removeChannel(ch)
+    }
+  }
+
+  const offer = (update: Partial<JobRow>, source: WatchSource): void => {
+    if (finished || update.id !== id) return
+    if (current && !isNewer(update, current)) {
+      // An older or repeated version: it may still carry columns a broadcast leaves out.
+      current = { ...update, ...current } as JobRow
+      return
+    }
+    current = { ...(current ?? ({} as JobRow)), ...update }
+    onChange(current, source)
+    if (isTerminal(current.status)) {
+      const row = current
+      void cleanup().then(() => resolveDone(row))
+    }
+  }
+
+  const reread = async (): Promise<void> => {
+    const { data, error } = await supabase.from('jobs').select('*').eq('id', id).maybeSingle()
+    if (error) {
+      opts.onError?.(new Error(`reading job ${id}: ${error.message}`))
+      return
+    }
+    if (!data) {
+      void cleanup().then(() => rejectDone(new Error(`job ${id} not found (or not yours)`)))
+      return
+    }
+    offer(data as JobRow, 'read')
+  }
+
+  const subscribe = (usePostgresChanges: boolean): void => {
+    if (finished) return
+    const ch = usePostgresChanges
+      ? supabase.channel(`job-changes:${id}`).on<JobRow>(
+          'postgres_changes',
+          { event: 'UPDATE', schema: 'public', table: 'jobs', filter: `id=eq.${id}` },
+          (change) => offer(change.new as JobRow, 'postgres_changes'),
+        )
+      : supabase
+          .channel(jobTopic(id), { config: { private: true } })
+          .on<JobUpdate>('broadcast', { event: JOB_BROADCAST_EVENT }, (message) =>
+            offer(message.payload, 'broadcast'),
+          )
+    channel = ch
+    ch.subscribe((status, err) => {
+      if (finished || channel !== ch) return
+      if (status === 'SUBSCRIBED') {
+        // Also after an automatic rejoin: whatever was sent while away is in the row.
+        void reread()
+      } else if (status === 'CHANNEL_ERROR' || status === 'TIMED_OUT') {
+        opts.onError?.(err ?? new Error(`${ch.topic}: ${status}`))
+        if (!usePostgresChanges) {
+          // Private channels unavailable (Realtime authorization off, or no policy yet).
+          channel = null
+          void supabase.removeChannel(ch).then(() => subscribe(true))
+        }
+      }
+    })
+  }
+
+  if (opts.timeoutMs !== undefined) {
+    timer = setTimeout(() => {
+      void cleanup().then(() => rejectDone(new Error(`job ${id} did not end within ${opts.timeoutMs} ms`)))
+    }, opts.timeoutMs)
+  }
+
+  // Private channels authorize with the user's JWT: hand the current session to Realtime first.
+  void supabase.realtime
+    .setAuth()
+    .catch((err: unknown) => opts.onError?.(err instanceof Error ? err : new Error(String(err))))
+    .finally(() => subscribe(opts.postgresChangesOnly === true))
+
+  return {
+    done,
+    current: () => current,
+    stop: async () => {
+      if (finished) return
+      await cleanup()
+      rejectDone(new Error(`stopped watching job ${id}`))
+    },
+  }
+}
+
+/** Terminal rows never change; otherwise the later `updated_at` wins (ties: same version). */
+function isNewer(update: Partial<JobRow>, current: JobRow): boolean {
+  if (isTerminal(current.status)) return false
+  if (update.updated_at === undefined || current.updated_at === undefined) return true
+  return microseconds(update.updated_at) > microseconds(current.updated_at)
+}
+
+/** Postgres timestamps have microseconds, Date.parse keeps milliseconds: two writes may share one. */
+function microseconds(timestamp: string): number {
+  const m = /^(.*T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(.*)$/.exec(timestamp)
+  if (!m) return Date.parse(timestamp) * 1000
+  const fraction = (m[2] ?? '').padEnd(6, '0').slice(0, 6)
+  return Date.parse(`${m[1]}${m[3]}`) * 1000 + Number(fraction)
+}
