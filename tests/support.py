@@ -95,3 +95,16 @@ class BatchProbeHandler:
         time.sleep(0.2)
         return [JobError(ErrorCode.INVALID_INPUT, "bad row") if job.payload.get("fail")
                 else {"batch": len(jobs), "n": job.payload.get("n")} for job in jobs]
+
+
+class NulResultHandler:
+    """Returns what Postgres refuses when asked to: a NUL character (byte-level tokenizers can
+    produce one), or NaN (valid for json.dumps, invalid JSON for Postgres)."""
+
+    def load(self) -> None:
+        pass
+
+    def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
+        if job.payload.get("nan"):
+            return {"score": float("nan")}
+        return {"text": "bad\x00text" if job.payload.get("nul") else "fine"}

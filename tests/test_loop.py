@@ -327,3 +327,18 @@ def test_batching_handler_gets_claimed_jobs_as_one_batch(queue, start_worker):
     assert [r["status"] for r in rows] == ["completed"] * 2 + ["failed"] + ["completed"] * 3
     assert rows[2]["error"]["code"] == "INVALID_INPUT"
     assert {r["result"]["n"] for r in rows if r["result"]} == {0, 1, 3, 4, 5}
+
+
+def test_result_the_database_cannot_store_fails_only_that_job(queue, start_worker):
+    from tests.support import NulResultHandler
+
+    queue.upsert_job_type("nul", "test", "nul")
+    bad = queue.enqueue("nul", {"nul": True})
+    nan = queue.enqueue("nul", {"nan": True})
+    good = queue.enqueue("nul", {})
+    start_worker({"nul": NulResultHandler()}, concurrency=3)
+    row = wait_status(queue, bad, "failed")
+    assert row["error"]["code"] == "GENERATION_FAILED" and "NUL" in row["error"]["message"]
+    row = wait_status(queue, nan, "failed")
+    assert row["error"]["code"] == "GENERATION_FAILED" and "could not be stored" in row["error"]["message"]
+    assert wait_status(queue, good, "completed")["result"] == {"text": "fine"}

@@ -278,6 +278,8 @@ class Worker:
             if not isinstance(value, dict):
                 raise JobError(ErrorCode.GENERATION_FAILED, f"handler returned {type(value).__name__}, not a dict")
             json.dumps(value)  # a result the row cannot hold fails here, not in the finish
+            if _has_nul(value):
+                raise JobError(ErrorCode.GENERATION_FAILED, "result holds NUL characters, which Postgres cannot store")
             return Outcome(job.id, "completed", result=value)
         except JobCanceled:
             return Outcome(job.id, "canceled")
@@ -326,8 +328,12 @@ class Worker:
             self._finished.extendleft(reversed(batch))
             time.sleep(0.5)
             return
+        except psycopg.Error:
+            applied = self._finish_one_by_one(batch)
         for outcome in batch:
             status = applied.get(outcome.job_id)
+            if status == "pending":
+                continue
             if status is None:
                 self.stats.lost += 1
                 log.warning("job %s: lease lost before finish; result dropped", outcome.job_id)
@@ -337,6 +343,21 @@ class Worker:
                 setattr(self.stats, status, getattr(self.stats, status) + 1)
             with self._running_lock:
                 self._running.pop(outcome.job_id, None)
+
+    def _finish_one_by_one(self, batch: list[Outcome]) -> dict[UUID, str]:
+        """A batch the database refused: finish each alone, failing the ones it cannot store."""
+        applied: dict[UUID, str] = {}
+        for outcome in batch:
+            try:
+                applied |= self.queue.finish([outcome])
+            except db.TRANSIENT_DB_ERRORS:
+                self._finished.append(outcome)  # written on a later pass
+                applied[outcome.job_id] = "pending"
+            except psycopg.Error as err:
+                log.error("job %s: outcome refused by the database: %s", outcome.job_id, err)
+                error = JobError(ErrorCode.GENERATION_FAILED, f"result could not be stored: {err}", retryable=False)
+                applied |= self.queue.finish([Outcome(outcome.job_id, "failed", error=error.to_json())])
+        return applied
 
     # -- lease keeper -------------------------------------------------------------------
 
@@ -441,3 +462,13 @@ class Worker:
             self.queue.set_worker_state(state)
         except db.TRANSIENT_DB_ERRORS as err:
             log.warning("could not record worker state %s: %s", state, err)
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
