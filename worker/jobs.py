@@ -21,6 +21,7 @@ class ErrorCode(StrEnum):
     GENERATION_FAILED = "GENERATION_FAILED"  # the handler raised something unexpected
     OOM_ERROR = "OOM_ERROR"  # out of (GPU) memory; retried after cleanup
     MODEL_LOAD_ERROR = "MODEL_LOAD_ERROR"  # weights missing or unreadable
+    MODEL_UNAVAILABLE = "MODEL_UNAVAILABLE"  # no model on this worker serves the request (e.g. a reference mode)
     NETWORK_ERROR = "NETWORK_ERROR"  # fetching a reference, talking to an API
     STORAGE_ERROR = "STORAGE_ERROR"  # publishing assets failed
     TIMEOUT_ERROR = "TIMEOUT_ERROR"
@@ -153,6 +154,9 @@ class _Generation(BaseModel):
 class ImageConfig(_Generation):
     num_images: Literal[1, 3, 6] = 1
     negative_prompt: str | None = Field(default=None, max_length=PROMPT_MAX_CHARS)
+    # Seed 002 sends these in `metadata`; the SDXL handler reads them from there too.
+    reference_type: Literal["style", "composition", "character"] = "style"
+    reference_strength: float = Field(default=0.5, ge=0.1, le=1.0)
 
 
 class ImagePayload(Payload):
@@ -167,6 +171,10 @@ class VideoConfig(_Generation):
     frame_num: int = Field(ge=1, le=121)
     fps: int = Field(default=16, ge=6, le=30)
     enhance_prompt: bool = False
+    enhance_system_prompt: str | None = Field(default=None, max_length=CHAT_MAX_CHARS)
+    negative_prompt: str | None = Field(default=None, max_length=PROMPT_MAX_CHARS)
+    sample_solver: Literal["unipc", "dpm++"] = "unipc"
+    sample_shift: float = Field(default=5.0, ge=1.0, le=20.0)
     image: str | None = None
     first_frame: str | None = None
     last_frame: str | None = None
@@ -196,17 +204,39 @@ class HistoryMessage(BaseModel):
 
 
 class ChatConfig(BaseModel):
+    """Sampling and context of one chat job: the job type's defaults, then the payload's `config`,
+    then top-level `max_tokens`/`temperature`/... (seed 003 ranges).
+
+    `temperature` 0 means greedy decoding: deterministic, `top_p` ignored. A `seed` makes sampling
+    reproducible (such a job is never batched with others). `history_limit` counts earlier messages
+    kept besides the system prompt and the current message; None keeps all that fit the context.
+    """
+
     model_config = ConfigDict(extra="allow")
     max_tokens: int = Field(ge=1, le=2048)
+    min_tokens: int = Field(default=0, ge=0, le=2048, description="end-of-turn is suppressed before this many")
     temperature: float = Field(ge=0.0, le=1.0)
     top_p: float = Field(ge=0.1, le=1.0)
-    history_limit: int = Field(default=10, ge=0, le=100)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    history_limit: int | None = Field(default=None, ge=0, le=500)
     system_prompt: str | None = Field(default=None, max_length=CHAT_MAX_CHARS)
+    target: Literal["sdxl", "wan"] | None = None  # chat_enhance: the model the prompt is for
+    system_prompts: dict[str, str] = Field(default_factory=dict)  # chat_enhance: default per target
+
+    @model_validator(mode="after")
+    def min_within_max(self) -> Self:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
+        return self
+
+
+CHAT_TOP_LEVEL_CONFIG = ("max_tokens", "min_tokens", "temperature", "top_p", "seed", "target", "history_limit")
 
 
 class ChatPayload(Payload):
     """Seed 001's `messages`, or `message` + `system_prompt` + `conversation_history`, or
-    roleplay `character` + `scenario`. Top-level sampling fields override the config."""
+    roleplay `character` + `scenario` (+ history); `prompt` for chat_enhance. Top-level sampling
+    fields (seed 001 sends `max_tokens` etc. next to `messages`) override the config."""
 
     messages: list[ChatMessage] | None = Field(default=None, max_length=200)
     message: str | None = Field(default=None, max_length=CHAT_MAX_CHARS)
@@ -223,9 +253,9 @@ class ChatPayload(Payload):
         if isinstance(data, dict):
             data = dict(data)
             config = dict(data.get("config") or {})
-            for key in ("max_tokens", "temperature", "top_p", "system_prompt"):
-                if key in data and data[key] is not None and key != "system_prompt":
-                    config[key] = data[key]
+            for key in CHAT_TOP_LEVEL_CONFIG:
+                if data.get(key) is not None:
+                    config[key] = data.pop(key)
             data["config"] = config
         return data
 
@@ -233,6 +263,8 @@ class ChatPayload(Payload):
     def has_input(self) -> Self:
         if not (self.messages or self.message or self.prompt):
             raise ValueError("one of messages, message or prompt is required")
+        if self.messages and all(m.role == "system" for m in self.messages):
+            raise ValueError("messages has no user or assistant message")
         return self
 
 
@@ -262,7 +294,7 @@ def classify(exc: BaseException) -> JobError:
     from worker.storage import StorageError
 
     if isinstance(exc, StorageError):
-        return JobError(ErrorCode.STORAGE_ERROR, detail)
+        return JobError(ErrorCode.STORAGE_ERROR, detail, retryable=exc.retryable)
     if isinstance(exc, TimeoutError):
         return JobError(ErrorCode.TIMEOUT_ERROR, detail)
     if isinstance(exc, ConnectionError):
