@@ -6,8 +6,8 @@ job (job wall time in the row − the handler's generate time). Prints figures; 
     # a real checkpoint (hub id or folder):
     python scripts/bench_chat.py --model Qwen/Qwen2.5-7B-Instruct --device cuda
     # GPU, nothing downloaded: Qwen2.5-7B's architecture with random weights, bf16
-    python scripts/bench_chat.py --from-config scripts/configs/qwen2.5-7b-instruct.json --device cuda
-    python scripts/bench_chat.py --from-config scripts/configs/qwen2.5-7b-instruct.json --device cuda \\
+    python scripts/bench_chat.py --from-config configs/qwen2.5-7b-instruct/config.json --device cuda
+    python scripts/bench_chat.py --from-config configs/qwen2.5-7b-instruct/config.json --device cuda \\
         --static-cache --compile --batch-sizes 1,4,8,16
 
 Every generation is greedy with min_new_tokens = max_new_tokens, so each run decodes exactly

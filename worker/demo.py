@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +16,8 @@ from rich.table import Table
 
 from worker import db
 from worker.config import Settings
-from worker.handlers.base import builtin_handlers
+from worker.handlers.base import Handler, builtin_handlers
+from worker.handlers.chat import ChatHandler
 from worker.loop import Worker
 from worker.queue import JobQueue
 from worker.storage import LocalStorage
@@ -47,6 +49,29 @@ DEMO_JOBS = [
             "failed", "fails with INVALID_INPUT, worker carries on"),
     DemoJob("video_ultra", {"prompt": "no such type"},
             "failed", "fails with UNKNOWN_JOB_TYPE at insert"),
+    # Chat on a tiny random-weight Qwen2 built offline: the text is noise, the path is the real one.
+    DemoJob("chat_conversation", {"message": "Hello! Who are you?", "system_prompt": "You are a friendly guide.",
+                                  "conversation_history": [{"sender": "user", "content": "Hi"},
+                                                           {"sender": "assistant", "content": "Hello!"}],
+                                  "max_tokens": 300, "min_tokens": 300},
+            "completed", "chat reply streamed into the row as it is generated"),
+    DemoJob("chat_roleplay", {"message": "What do we steal first?",
+                              "character": {"name": "Mira", "personality": "witty"},
+                              "scenario": "a heist in Monaco", "max_tokens": 60, "temperature": 0.8},
+            "completed", "roleplay, batched with the other chat jobs"),
+    DemoJob("chat_enhance", {"prompt": "a cat in a garden", "target": "wan", "max_tokens": 60},
+            "completed", "prompt enhanced for WAN: result.enhanced_prompt"),
+    DemoJob("chat_conversation", {"message": "Please write for ever", "max_tokens": 2000, "min_tokens": 2000},
+            "canceled", "chat canceled mid-generation", cancel_at=5),
+    DemoJob("chat_conversation", {"message": "hi", "temperature": 2},
+            "failed", "temperature out of range: INVALID_INPUT"),
+    # SDXL and WAN on tiny random-weight pipelines built offline: noise pictures, the real path.
+    DemoJob("sdxl_image_fast", {"prompt": "a lighthouse at dusk, oil painting",
+                                "config": {"width": 64, "height": 64, "steps": 4, "num_images": 3, "seed": 42}},
+            "completed", "SDXL batch of 3 (seeds 42-44): PNGs with prompt/seed metadata"),
+    DemoJob("video_fast", {"prompt": "waves rolling onto a beach at sunset",
+                           "config": {"width": 64, "height": 64, "steps": 3, "frame_num": 9, "seed": 7}},
+            "completed", "WAN 2.1 9-frame clip: H.264 MP4 + PNG thumbnail"),
 ]
 
 
@@ -63,7 +88,10 @@ def run_demo(settings: Settings, console: Console, concurrency: int = 2) -> bool
     ids = [queue.enqueue(job.job_type, job.payload) for job in DEMO_JOBS]
     console.print(f"enqueued {len(ids)} jobs; starting a worker (concurrency {concurrency})\n")
 
-    worker = Worker(settings, builtin_handlers(), LocalStorage(settings.storage_dir), database_url=url)
+    handlers = builtin_handlers()
+    handlers["chat"] = demo_chat_handler(settings, console)
+    handlers.update(demo_diffusion_handlers(settings, console))
+    worker = Worker(settings, handlers, LocalStorage(settings.storage_dir), database_url=url)
     thread = threading.Thread(target=worker.run, kwargs={"install_signals": False}, daemon=True)
     thread.start()
 
@@ -88,7 +116,11 @@ def run_demo(settings: Settings, console: Console, concurrency: int = 2) -> bool
         good = row["status"] == demo.expect
         ok &= good
         if row["result"]:
-            detail = ", ".join(a["url"] for a in row["result"].get("assets", [])) or str(row["result"])[:60]
+            result = row["result"]
+            text = result.get("enhanced_prompt", result.get("response"))
+            detail = (", ".join(a["url"] for a in result.get("assets", []))
+                      or (f"{result['usage']['completion_tokens']} tokens: {text!r}"[:60] if text is not None else "")
+                      or str(result)[:60])
         elif row["error"]:
             detail = f"{row['error']['code']}: {row['error']['message']}"
         else:
@@ -98,6 +130,31 @@ def run_demo(settings: Settings, console: Console, concurrency: int = 2) -> bool
     console.print(table)
     console.print("[green]every job ended as expected[/]" if ok else "[red]some jobs did not end as expected[/]")
     return ok
+
+
+def demo_diffusion_handlers(settings: Settings, console: Console) -> dict[str, Handler]:
+    """SDXL and WAN handlers on tiny pipelines built offline under HOME/models (once; reused after).
+    Their model folders declare the small sizes and step counts the demo jobs use."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from worker.handlers.sdxl import SdxlHandler
+    from worker.handlers.wan import WanHandler
+    from worker.tiny_diffusion import build_tiny_models
+
+    models = build_tiny_models(settings.home_dir / "models", i2v=False)
+    console.print(f"diffusion models: tiny random-weight SDXL and WAN 2.1 under {models['sdxl'].parent}")
+    tiny = settings.model_copy(update={"diffusion_device": "cpu", "diffusion_dtype": "float32"})
+    return {"sdxl": SdxlHandler(tiny, model=str(models["sdxl"])),
+            "wan": WanHandler(tiny, model=str(models["wan"]), vace_model=str(models["wan_vace"]), i2v_model="")}
+
+
+def demo_chat_handler(settings: Settings, console: Console) -> ChatHandler:
+    """The chat handler on a tiny model built offline under HOME/models (once; reused after)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from worker.tiny_models import build_tiny_qwen
+
+    path = build_tiny_qwen(settings.home_dir / "models" / "tiny-qwen2")
+    console.print(f"chat model: tiny random-weight Qwen2 at {path}")
+    return ChatHandler(settings.model_copy(update={"chat_model": str(path), "chat_device": "cpu"}))
 
 
 def follow(queue: JobQueue, ids: list[UUID], console: Console,
@@ -112,7 +169,7 @@ def follow(queue: JobQueue, ids: list[UUID], console: Console,
         tasks = [progress.add_task((labels[i] if labels else ""), total=100, short=str(job_id)[:8],
                                    status="", stage="") for i, job_id in enumerate(ids)]
         while True:
-            rows = [queue.get_job(job_id) or {} for job_id in ids]
+            rows = [_row(queue, job_id) for job_id in ids]
             for task, row in zip(tasks, rows, strict=True):
                 progress.update(task, completed=row.get("progress", 0), status=_colored(row.get("status", "?")),
                                 stage=row.get("stage") or "")
@@ -121,6 +178,13 @@ def follow(queue: JobQueue, ids: list[UUID], console: Console,
             if all(row.get("status") in TERMINAL for row in rows) or time.monotonic() > deadline:
                 return rows
             time.sleep(0.1)
+
+
+def _row(queue: JobQueue, job_id: UUID) -> dict[str, Any]:
+    row = queue.get_job(job_id)
+    if row is None:
+        raise LookupError(f"no job {job_id}")
+    return row
 
 
 def _colored(status: str) -> str:

@@ -5,6 +5,7 @@ Error codes and ranges come from the seed documents of the system this replaces.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal, Self, TypeVar
@@ -61,6 +62,26 @@ def invalid_input(err: ValidationError) -> JobError:
     return JobError(ErrorCode.INVALID_INPUT, f"invalid payload: {problems}")
 
 
+CONFIG_ALIASES = {"sample_steps": "steps", "sample_guide_scale": "guidance_scale"}
+
+
+def resolve_config_aliases(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Seed 002's `size: "W*H"`, `sample_steps`, `sample_guide_scale` as width/height/steps/guidance."""
+    out = dict(config)
+    size = out.pop("size", None)
+    if isinstance(size, str) and "*" in size:
+        width, _, height = size.partition("*")
+        out.setdefault("width", width.strip())
+        out.setdefault("height", height.strip())
+    elif size is not None:
+        out["size"] = size
+    for alias, name in CONFIG_ALIASES.items():
+        if alias in out:
+            value = out.pop(alias)
+            out.setdefault(name, value)
+    return out
+
+
 class JobType(BaseModel):
     name: str
     queue: str
@@ -97,7 +118,9 @@ class Job(BaseModel):
         """The job type's defaults overridden by the payload's `config` (seed 002 shape)."""
         defaults = self.type_info.defaults if self.type_info else {}
         config = self.payload.get("config")
-        return {**defaults, **(config if isinstance(config, dict) else {})}
+        # each layer's aliases resolved on its own, so a payload's `size` beats a preset's width
+        return {**resolve_config_aliases(defaults),
+                **resolve_config_aliases(config if isinstance(config, dict) else {})}
 
     def parse(self, model: type[PayloadT]) -> PayloadT:
         """Validate the payload (with the type's defaults) into `model`, or raise INVALID_INPUT."""
@@ -129,19 +152,7 @@ class _Generation(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def seed_aliases(cls, data: Any) -> Any:
-        """Seed 002 sends `size: "W*H"`, `sample_steps`, `sample_guide_scale`."""
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        if isinstance(data.get("size"), str) and "*" in data["size"]:
-            w, _, h = data.pop("size").partition("*")
-            data.setdefault("width", w)
-            data.setdefault("height", h)
-        if "sample_steps" in data:
-            data["steps"] = data.pop("sample_steps")
-        if "sample_guide_scale" in data:
-            data["guidance_scale"] = data.pop("sample_guide_scale")
-        return data
+        return resolve_config_aliases(data) if isinstance(data, dict) else data
 
     @field_validator("width", "height")
     @classmethod

@@ -28,6 +28,7 @@ import psycopg
 from worker import db
 from worker.config import Settings
 from worker.handlers.base import (
+    MODEL_LOAD_LOCK,
     Handler,
     JobCanceled,
     JobContext,
@@ -96,7 +97,6 @@ class Worker:
         self._finished: deque[Outcome] = deque()
         self._running: dict[UUID, Running] = {}
         self._running_lock = threading.Lock()
-        self._load_locks: dict[str, threading.Lock] = {}
         self._run_locks: dict[str, threading.Lock] = {}
         self._loaded: set[str] = set()
         self._served: dict[str, JobType] = {}
@@ -291,7 +291,7 @@ class Worker:
     def _ensure_loaded(self, name: str, handler: Handler, ctx: JobContext) -> None:
         if name in self._loaded:
             return
-        with self._load_locks.setdefault(name, threading.Lock()):
+        with MODEL_LOAD_LOCK:  # one load at a time in the process: concurrent from_pretrained calls corrupt each other
             if name in self._loaded:
                 return
             ctx.progress(0.0, "loading model")

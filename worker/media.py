@@ -1,4 +1,5 @@
-"""Bytes in and out of handlers: reference images fetched and checked, PNG encoding.
+"""Bytes in and out of handlers: reference images fetched and checked; PNG (with text metadata),
+thumbnail and MP4 (H.264, yuv420p) encoding.
 
 A reference image (seed 002: `config.image` / `metadata.reference_image_url`, `config.first_frame` /
 `metadata.start_reference_url`, `config.last_frame` / `metadata.end_reference_url`) is either
@@ -19,10 +20,13 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import os
 import socket
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
@@ -332,7 +336,97 @@ def load_references(job: Job, storage: Storage | None, limits: ReferenceLimits |
 # --- encoding ---------------------------------------------------------------------------
 
 
-def encode_png(image: Image.Image, *, compress_level: int = 6) -> bytes:
+def encode_png(image: Image.Image, *, compress_level: int = 6, text: Mapping[str, Any] | None = None) -> bytes:
+    """PNG bytes; `text` becomes tEXt/iTXt chunks (prompt, seed, steps...) that image tools show."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            if value is not None:
+                info.add_itxt(str(key), str(value))  # iTXt: UTF-8, so any prompt survives
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=compress_level)
+    image.save(buffer, format="PNG", compress_level=compress_level, pnginfo=info)
     return buffer.getvalue()
+
+
+def png_text(data: bytes) -> dict[str, str]:
+    """The text chunks of a PNG (what encode_png wrote in `text`)."""
+    with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+        image.load()
+        return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
+
+
+def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale and center-crop to exactly width x height, keeping the aspect ratio (no stretching)."""
+    if image.size == (width, height):
+        return image
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
+
+
+def thumbnail_png(image: Image.Image, max_side: int = 512) -> bytes:
+    """A PNG no larger than max_side on its longer side (video buckets accept video/mp4 and image/png)."""
+    thumb = image.copy()
+    thumb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return encode_png(thumb, compress_level=1)
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    frames: int
+    width: int
+    height: int
+    fps: float
+    codec: str
+    pix_fmt: str
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.fps if self.fps else 0.0
+
+
+def encode_mp4(frames: Sequence[Image.Image] | Any, fps: float, *, crf: int = 18, preset: str = "veryfast",
+               scratch_dir: str | os.PathLike[str] | None = None) -> bytes:
+    """H.264 (libx264) in MP4, yuv420p, moov atom first: plays in every browser, starts while loading.
+
+    `frames` are RGB PIL images or an array (frames, height, width, 3) of uint8; width and height
+    must be even (4:2:0 chroma). PyAV's wheels carry FFmpeg with libx264, so nothing else is needed.
+    The file is written in `scratch_dir` (a temp dir by default): moving the moov atom to the front
+    is a second pass over a named file, which an in-memory buffer cannot give. x264's `veryfast`
+    encodes 81 frames of 480x832 about 3x faster than `medium` at the same quality (crf), for files
+    a little larger: the encoding is worker overhead on every video job.
+    """
+    import av
+    import numpy as np
+
+    arrays = [np.asarray(f.convert("RGB") if isinstance(f, Image.Image) else f, dtype=np.uint8) for f in frames]
+    if not arrays:
+        raise ValueError("no frames to encode")
+    height, width = arrays[0].shape[:2]
+    if width % 2 or height % 2:
+        raise ValueError(f"H.264 4:2:0 needs even sizes, not {width}x{height}")
+    rate = Fraction(fps).limit_denominator(1001)
+    with tempfile.TemporaryDirectory(dir=scratch_dir) as folder:
+        path = os.path.join(folder, "video.mp4")
+        with av.open(path, mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
+            stream = container.add_stream("libx264", rate=rate)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"crf": str(crf), "preset": preset}
+            for array in arrays:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+            container.mux(stream.encode(None))  # flush the encoder's delayed frames
+        with open(path, "rb") as file:
+            return file.read()
+
+
+def probe_mp4(data: bytes) -> VideoInfo:
+    """Decode an MP4 fully and report what a player would see (frames counted by decoding)."""
+    import av
+
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        ctx = stream.codec_context
+        return VideoInfo(frames=frames, width=ctx.width, height=ctx.height, fps=float(stream.average_rate or 0),
+                         codec=ctx.name, pix_fmt=str(ctx.pix_fmt))

@@ -18,6 +18,11 @@ from typing import Any, Protocol, runtime_checkable
 from worker.jobs import Job
 from worker.storage import Storage
 
+# Hold while building models (from_pretrained): accelerate/transformers/diffusers patch process-wide
+# state while they do (init_empty_weights swaps nn.Module.register_parameter), so two loads in two
+# threads hand each other meta tensors ("Cannot copy out of meta tensor"). Reentrant.
+MODEL_LOAD_LOCK = threading.RLock()
+
 
 class JobInterrupted(BaseException):
     """Stops a handler. BaseException, so `except Exception` in handler code cannot swallow it."""
@@ -163,6 +168,8 @@ class JobContext:
 BUILTIN_HANDLERS: dict[str, str] = {
     "simulate": "worker.handlers.simulate:SimulateHandler",
     "chat": "worker.handlers.chat:ChatHandler",
+    "sdxl": "worker.handlers.sdxl:SdxlHandler",
+    "wan": "worker.handlers.wan:WanHandler",
 }
 
 
@@ -179,4 +186,15 @@ def load_handler(spec: str) -> Handler:
 
 
 def builtin_handlers() -> dict[str, Handler]:
-    return {name: load_handler(spec) for name, spec in BUILTIN_HANDLERS.items()}
+    handlers = {name: load_handler(spec) for name, spec in BUILTIN_HANDLERS.items()}
+    connect_handlers(handlers)
+    return handlers
+
+
+def connect_handlers(handlers: dict[str, Handler]) -> None:
+    """Show handlers that use another one (WAN prompt enhancement uses the chat model) the
+    worker's handlers: the dict itself, so a handler replaced in it later is the one they find."""
+    for handler in handlers.values():
+        connect = getattr(handler, "connect", None)
+        if callable(connect):
+            connect(handlers)
