@@ -238,13 +238,32 @@ def test_claim_uses_partial_index(queue, sql, probe_type):
     sql.execute("analyze jobs")
     from worker.queue import CLAIM_JOBS
 
-    with sql.transaction():
-        plan = sql.execute(
-            "explain " + CLAIM_JOBS.replace("%(job_types)s", "array['probe']").replace("%(limit)s", "1")
-            .replace("%(worker_id)s", "'w'").replace("%(lease_seconds)s", "30")
-        ).fetchall()
+    params = {"job_types": ["probe"], "limit": 1, "affine_types": ["probe"], "window": 256,
+              "aging_seconds": 300, "worker_id": "w", "lease_seconds": 30}
+    plan = sql.execute("explain " + CLAIM_JOBS, params).fetchall()
     text = "\n".join(r["QUERY PLAN"] for r in plan)
     assert "jobs_claim_idx" in text, text
+
+
+def test_claim_prefers_types_whose_model_is_loaded_but_not_past_the_aging_bound(queue, database_url, sql):
+    from worker import db
+
+    for name in ("type_a", "type_b"):
+        queue.upsert_job_type(name, "test", "probe")
+    old_a = queue.enqueue("type_a", {})
+    b_ids = [queue.enqueue("type_b", {}) for _ in range(3)]
+    newer_a = queue.enqueue("type_a", {})
+    pool = db.make_pool(database_url, 1)
+    claimer = JobQueue(pool, "affine-worker")
+    # nothing loaded: oldest first
+    assert [j.id for j in claimer.claim(["type_a", "type_b"], 1)] == [old_a]
+    # type_b loaded here: the b jobs jump the newer a job
+    assert [j.id for j in claimer.claim(["type_a", "type_b"], 2, affine_types=["type_b"])] == b_ids[:2]
+    # an a job that waited past the aging bound is taken before an affine b job
+    sql.execute("update jobs set run_at = now() - interval '10 minutes' where id = %s", (newer_a,))
+    got = claimer.claim(["type_a", "type_b"], 1, affine_types=["type_b"], aging_seconds=60)
+    assert [j.id for j in got] == [newer_a]
+    pool.close()
 
 
 def test_migrations_apply_twice_and_are_recorded(database_url):

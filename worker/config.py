@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(default=2.0, ge=0, description="First retry delay; doubles per attempt.")
     retry_max_seconds: float = Field(default=300.0, ge=0, description="Cap of the retry delay.")
     pool_size: int = Field(default=4, ge=1, description="Connections in the worker's pool.")
+    affinity: bool = Field(default=True, description="Prefer jobs whose model is already loaded on this worker.")
+    affinity_window: int = Field(
+        default=256, ge=1, description="How many queued jobs past the head of the queue affinity may reach."
+    )
+    affinity_max_wait: float = Field(
+        default=300.0, ge=0, description="Seconds after which a queued job is taken regardless of the loaded model."
+    )
     chat_model: str = Field(
         default="Qwen/Qwen2.5-7B-Instruct", description="Chat model: a hub id or a local folder (from_pretrained)."
     )

@@ -155,7 +155,9 @@ class Worker:
             if free > 0 and more_maybe and self._served:
                 self._notified.clear()  # anything notified from here on may be missed by this claim
                 try:
-                    jobs = self.queue.claim(list(self._served), free)
+                    jobs = self.queue.claim(list(self._served), free, affine_types=self._affine_types(),
+                                            window=self.settings.affinity_window,
+                                            aging_seconds=self.settings.affinity_max_wait)
                 except db.TRANSIENT_DB_ERRORS as err:
                     log.warning("claim failed (%s); retrying", err)
                     self._wake.wait(min(self.settings.fallback_poll_interval, 1.0))
@@ -173,6 +175,12 @@ class Worker:
             self._wake.clear()
             if self._notified.is_set():
                 more_maybe = True
+
+    def _affine_types(self) -> list[str]:
+        """Job types whose model is resident here: the claim prefers them (fewer model swaps)."""
+        if not self.settings.affinity:
+            return []
+        return [name for name, t in self._served.items() if t.model and t.handler in self._loaded]
 
     def _max_jobs_reached(self) -> bool:
         return self.max_jobs is not None and self.stats.claimed >= self.max_jobs and not self._running

@@ -30,19 +30,33 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# -- claim_jobs -- take up to %(limit)s due jobs of the served types, highest priority first.
+# -- claim_jobs -- take up to %(limit)s due jobs of the served types: highest priority first, then
+# (model affinity) the types whose model is loaded on this worker, then the oldest. A job that
+# has waited longer than %(aging_seconds)s counts as affine, so no job starves.
 CLAIM_JOBS = """
-WITH next AS (
-    -- the partial index jobs_claim_idx walks queued rows in this order; SKIP LOCKED lets
-    -- concurrent workers pass over each other's picks instead of waiting on them
-    SELECT id
+WITH candidates AS (
+    -- the partial index jobs_claim_idx walks queued rows in claim order; the window bounds
+    -- how far past the head of the queue affinity may reach (the worker passes %(limit)s
+    -- when nothing is loaded, which makes this the plain FIFO-by-priority claim)
+    SELECT id, priority, run_at, job_type
     FROM public.jobs
     WHERE status = 'queued'
       AND run_at <= now()
       AND job_type = ANY(%(job_types)s)
     ORDER BY priority DESC, run_at, id
+    LIMIT %(window)s
+),
+next AS (
+    -- SKIP LOCKED lets concurrent workers pass over each other's picks instead of waiting
+    SELECT j.id
+    FROM public.jobs AS j JOIN candidates AS c USING (id)
+    WHERE j.status = 'queued'
+    ORDER BY c.priority DESC,
+             (c.job_type = ANY(%(affine_types)s)
+              OR c.run_at < now() - make_interval(secs => %(aging_seconds)s)) DESC,
+             c.run_at, c.id
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF j SKIP LOCKED
 )
 UPDATE public.jobs AS j
 SET status = 'processing',
@@ -318,12 +332,16 @@ class JobQueue:
     def set_worker_state(self, state: str) -> None:
         self._execute(SET_WORKER_STATE, {"id": self.worker_id, "state": state})
 
-    def claim(self, job_types: Sequence[str], limit: int) -> list[Job]:
+    def claim(self, job_types: Sequence[str], limit: int, *, affine_types: Sequence[str] = (),
+              window: int = 256, aging_seconds: float = 300.0) -> list[Job]:
+        """Claim up to `limit` jobs; `affine_types` (models loaded here) go first within `window`."""
         # Not retried here: a claim that committed but whose reply was lost must not be
         # repeated blindly; those rows come back through the lease rescue.
-        rows = self._execute(CLAIM_JOBS, {"job_types": list(job_types), "limit": limit,
-                                          "worker_id": self.worker_id,
-                                          "lease_seconds": self.lease_seconds})
+        rows = self._execute(CLAIM_JOBS, {
+            "job_types": list(job_types), "limit": limit, "affine_types": list(affine_types),
+            "window": max(window, limit) if affine_types else limit, "aging_seconds": aging_seconds,
+            "worker_id": self.worker_id, "lease_seconds": self.lease_seconds,
+        })
         return [Job.model_validate(row) for row in rows]
 
     def next_due(self, job_types: Sequence[str]) -> datetime | None:
