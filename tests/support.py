@@ -108,3 +108,23 @@ class NulResultHandler:
         if job.payload.get("nan"):
             return {"score": float("nan")}
         return {"text": "bad\x00text" if job.payload.get("nul") else "fine"}
+
+
+class EnvProbeHandler:
+    """Reports the process that ran the job and the GPU pinning it was started with (`run --gpus`).
+    Payload: {"sleep": s} takes s seconds; {"hang_attempt": n} hangs attempt n until stopped."""
+
+    concurrent = True
+
+    def load(self) -> None:
+        pass
+
+    def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
+        if job.payload.get("hang_attempt") == job.attempts:
+            ctx.progress(0.1, "hanging")
+            while True:
+                ctx.check()
+                time.sleep(0.02)
+        time.sleep(float(job.payload.get("sleep", 0)))
+        return {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "attempt": job.attempts}

@@ -16,6 +16,7 @@ from rich.table import Table
 from worker import db
 from worker.config import Settings
 from worker.handlers.base import Handler, builtin_handlers, load_handler
+from worker.health import HealthServer
 from worker.loop import Worker
 from worker.queue import JobQueue
 from worker.storage import Storage
@@ -66,6 +67,7 @@ def migrate() -> None:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     queues: Annotated[str | None, typer.Option(help="Comma-separated queues; default all.")] = None,
     max_jobs: Annotated[int | None, typer.Option(help="Exit after this many jobs.")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Jobs run at once.")] = None,
@@ -75,6 +77,10 @@ def run(
     no_listen: Annotated[bool, typer.Option("--no-listen", help="Poll only (transaction poolers).")] = False,
     shutdown_grace: Annotated[float | None, typer.Option(help="Seconds jobs get after SIGTERM.")] = None,
     worker_id: Annotated[str | None, typer.Option(help="Defaults to host-pid.")] = None,
+    health_port: Annotated[int | None, typer.Option(help="Serve /health, /status, /metrics on this port.")] = None,
+    gpus: Annotated[str | None, typer.Option(
+        help="all | 0,1: one supervised worker process per GPU (CUDA_VISIBLE_DEVICES), ids <worker-id>-gpuN, "
+             "ports +N; the other options pass through.")] = None,
     verbose: bool = False,
 ) -> None:
     """Run a worker until SIGTERM/SIGINT (or --max-jobs)."""
@@ -82,14 +88,35 @@ def run(
     overrides: dict[str, Any] = {
         "queues": [q.strip() for q in queues.split(",") if q.strip()] if queues else None,
         "concurrency": concurrency, "poll_interval": poll_interval, "lease_seconds": lease_seconds,
-        "shutdown_grace": shutdown_grace, "worker_id": worker_id,
+        "shutdown_grace": shutdown_grace, "worker_id": worker_id, "health_port": health_port,
         "listen": False if no_listen else None,
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     handlers = _handlers(handler or [])
     url = _database(settings)
-    stats = Worker(settings, handlers, make_storage(settings), database_url=url, max_jobs=max_jobs).run()
+    if gpus is not None:
+        from worker.supervisor import supervise
+
+        raise typer.Exit(supervise(gpus, settings, ctx))
+    worker = Worker(settings, handlers, make_storage(settings), database_url=url, max_jobs=max_jobs)
+    server = _health_server(worker, settings)
+    try:
+        stats = worker.run()
+    finally:
+        if server is not None:
+            server.stop()
     console.print(f"worker stopped: {stats}")
+
+
+def _health_server(worker: Worker, settings: Settings) -> HealthServer | None:
+    if settings.health_port is None:
+        return None
+    try:
+        return HealthServer(worker, settings.health_host, settings.health_port).start()
+    except OSError as err:
+        worker.pool.close()
+        raise typer.BadParameter(f"cannot serve on {settings.health_host}:{settings.health_port}: {err}",
+                                 param_hint="--health-port / OURVIDZ_HEALTH_PORT") from err
 
 
 def _handlers(specs: list[str]) -> dict[str, Handler]:

@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, ByteSize, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -52,12 +52,30 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(default=2.0, ge=0, description="First retry delay; doubles per attempt.")
     retry_max_seconds: float = Field(default=300.0, ge=0, description="Cap of the retry delay.")
     pool_size: int = Field(default=4, ge=1, description="Connections in the worker's pool.")
+    health_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="Serve GET /health, /status and /metrics on this port (0: any free port). Unset: no server.",
+    )
+    health_host: str = Field(default="0.0.0.0", description="Address the health server binds.")
     affinity: bool = Field(default=True, description="Prefer jobs whose model is already loaded on this worker.")
     affinity_window: int = Field(
         default=256, ge=1, description="How many queued jobs past the head of the queue affinity may reach."
     )
     affinity_max_wait: float = Field(
         default=300.0, ge=0, description="Seconds after which a queued job is taken regardless of the loaded model."
+    )
+    memory_budget: ByteSize | None = Field(
+        default=None,
+        description="Bytes the loaded models may take before idle ones are evicted (e.g. 20GiB; 0: unlimited). "
+                    "Unset: memory_fraction of the GPU's memory, or 8GiB on CPU.",
+    )
+    memory_fraction: float = Field(
+        default=0.9, gt=0, le=1,
+        description="Share of the GPU's memory the models may take when memory_budget is unset.",
+    )
+    memory_pressure_levels: Annotated[tuple[float, float, float], NoDecode] = Field(
+        default=(0.7, 0.85, 0.95),
+        description="used/budget at which memory pressure turns medium, high and critical (comma-separated).",
     )
     chat_model: str = Field(
         default="Qwen/Qwen2.5-7B-Instruct", description="Chat model: a hub id or a local folder (from_pretrained)."
@@ -156,6 +174,15 @@ class Settings(BaseSettings):
     def comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [q.strip() for q in value.split(",") if q.strip()]
+        return value
+
+    @field_validator("memory_pressure_levels", mode="before")
+    @classmethod
+    def three_levels(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [float(v) for v in value.split(",") if v.strip()]
+        if isinstance(value, list | tuple) and (len(value) != 3 or not 0 < value[0] <= value[1] <= value[2]):
+            raise ValueError("three ascending positive ratios: medium, high, critical")
         return value
 
     @cached_property

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,7 +29,6 @@ import psycopg
 from worker import db
 from worker.config import Settings
 from worker.handlers.base import (
-    MODEL_LOAD_LOCK,
     Handler,
     JobCanceled,
     JobContext,
@@ -37,7 +37,8 @@ from worker.handlers.base import (
     WorkerStopping,
 )
 from worker.jobs import ErrorCode, Job, JobError, JobType, classify
-from worker.queue import JobQueue, Outcome
+from worker.memory import MemoryManager, is_oom
+from worker.queue import JobQueue, Outcome, WorkerMemory
 from worker.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,13 @@ class Worker:
         self._running: dict[UUID, Running] = {}
         self._running_lock = threading.Lock()
         self._run_locks: dict[str, threading.Lock] = {}
-        self._loaded: set[str] = set()
+        self.memory = MemoryManager(settings, handlers)  # loads, pins and evicts the handlers' models
         self._served: dict[str, JobType] = {}
+        # Read by worker.health: liveness of the main loop and the lease keeper (monotonic seconds).
+        self.started_at = time.time()
+        self.last_loop_at: float | None = None
+        self.last_beat_at: float | None = None
+        self.on_finish: Callable[[Running, str], None] | None = None  # outcome: completed|failed|...|lost
 
     # -- public -------------------------------------------------------------------------
 
@@ -110,6 +116,7 @@ class Worker:
         self._refresh_served_types()
         self.queue.register_worker(socket.gethostname(), os.getpid(), self.settings.queues,
                                    sorted(self._served), VERSION)
+        self.last_beat_at = time.monotonic()  # registering beat the workers row
         helpers = [threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True)]
         if self.settings.listen:
             helpers.append(threading.Thread(target=self._listen, name="listener", daemon=True))
@@ -140,6 +147,7 @@ class Worker:
         more_maybe = True  # a claim may find work: start-up, a notify, a poll, or a full claim
         next_poll = 0.0
         while True:
+            self.last_loop_at = time.monotonic()
             self._flush_finished()
             if self._stop.is_set() or self._max_jobs_reached():
                 break
@@ -180,7 +188,8 @@ class Worker:
         """Job types whose model is resident here: the claim prefers them (fewer model swaps)."""
         if not self.settings.affinity:
             return []
-        return [name for name, t in self._served.items() if t.model and t.handler in self._loaded]
+        resident = set(self.memory.loaded_names())
+        return [name for name, t in self._served.items() if t.model and t.handler in resident]
 
     def _max_jobs_reached(self) -> bool:
         return self.max_jobs is not None and self.stats.claimed >= self.max_jobs and not self._running
@@ -258,23 +267,47 @@ class Worker:
         self._wake.set()
 
     def _call_handler(self, jobs: list[Job], ctxs: list[JobContext]) -> list[Any]:
-        """Run the handler on one job (run) or a batch (run_batch): one result or exception per job."""
+        """Run the handler on one job (run) or a batch (run_batch): one result or exception per job.
+
+        A job that runs out of memory is retried once in-process after the memory manager freed
+        caches and evicted every idle model; out of memory again, it goes back with OOM_ERROR."""
         info = jobs[0].type_info
         handler = self.handlers.get(info.handler) if info else None
         if info is None or handler is None:
             raise JobError(ErrorCode.UNKNOWN_JOB_TYPE, f"worker {self.id} has no handler for {jobs[0].job_type!r}")
-        self._ensure_loaded(info.handler, handler, ctxs[0])
+        values = self._invoke(info.handler, handler, jobs, ctxs)
+        order = [i for i, v in enumerate(values) if isinstance(v, Exception) and is_oom(v)]
+        if not order:
+            return values
+        for i in order:
+            values[i] = None  # the exception's traceback holds the failed attempt's tensors
+        log.warning("jobs %s ran out of memory; evicting idle models and retrying once",
+                    ", ".join(str(jobs[i].id) for i in order))
+        evicted = self.memory.relieve(keep=[info.handler])
+        retried = self._invoke(info.handler, handler, [jobs[i] for i in order], [ctxs[i] for i in order])
+        for i, value in zip(order, retried, strict=True):
+            if isinstance(value, Exception) and is_oom(value):
+                value = JobError(ErrorCode.OOM_ERROR, f"out of memory, again after evicting {len(evicted)} idle "
+                                                      f"models and retrying: {value}"[:2000], retryable=True)
+            values[i] = value
+        return values
+
+    def _invoke(self, name: str, handler: Handler, jobs: list[Job], ctxs: list[JobContext]) -> list[Any]:
+        """One call of the handler with its model resident and pinned; an Exception becomes every job's value."""
         lock: AbstractContextManager[Any] = (
             nullcontext() if getattr(handler, "concurrent", False)
-            else self._run_locks.setdefault(info.handler, threading.Lock())
+            else self._run_locks.setdefault(name, threading.Lock())
         )
-        with lock:
-            if len(jobs) == 1:
-                return [handler.run(jobs[0], ctxs[0])]
-            values = list(handler.run_batch(jobs, ctxs))  # type: ignore[attr-defined]
+        try:
+            with self.memory.use(name, on_load=lambda: ctxs[0].progress(0.0, "loading model")), lock:
+                if len(jobs) == 1:
+                    return [handler.run(jobs[0], ctxs[0])]
+                values = list(handler.run_batch(jobs, ctxs))  # type: ignore[attr-defined]
+        except Exception as exc:
+            return [exc] * len(jobs)
         if len(values) != len(jobs):
-            raise JobError(ErrorCode.GENERATION_FAILED, f"{info.handler} returned {len(values)} results for "
-                                                        f"{len(jobs)} jobs")
+            error = JobError(ErrorCode.GENERATION_FAILED, f"{name} returned {len(values)} results for {len(jobs)} jobs")
+            return [error] * len(jobs)
         return values
 
     def _outcome(self, job: Job, ctx: JobContext, value: Any) -> Outcome | None:
@@ -295,20 +328,6 @@ class Worker:
             return None  # lease lost (another worker holds it) or shutdown (we release it)
         except BaseException as exc:
             return self._failure(job, classify(exc))
-
-    def _ensure_loaded(self, name: str, handler: Handler, ctx: JobContext) -> None:
-        if name in self._loaded:
-            return
-        with MODEL_LOAD_LOCK:  # one load at a time in the process: concurrent from_pretrained calls corrupt each other
-            if name in self._loaded:
-                return
-            ctx.progress(0.0, "loading model")
-            try:
-                handler.load()
-            except Exception as err:
-                raise JobError(ErrorCode.MODEL_LOAD_ERROR, f"{name}: {type(err).__name__}: {err}",
-                               retryable=True) from err
-            self._loaded.add(name)
 
     def _failure(self, job: Job, error: JobError) -> Outcome:
         if error.retryable and job.attempts < job.max_attempts:
@@ -350,7 +369,9 @@ class Worker:
             else:
                 setattr(self.stats, status, getattr(self.stats, status) + 1)
             with self._running_lock:
-                self._running.pop(outcome.job_id, None)
+                entry = self._running.pop(outcome.job_id, None)
+            if entry is not None and self.on_finish is not None:
+                self.on_finish(entry, "lost" if status is None else "retried" if status == "queued" else status)
 
     def _finish_one_by_one(self, batch: list[Outcome]) -> dict[UUID, str]:
         """A batch the database refused: finish each alone, failing the ones it cannot store."""
@@ -380,7 +401,8 @@ class Worker:
                 for entry in running:
                     entry.ctx.flush()
                 state = "draining" if self._stop.is_set() else ("busy" if running else "idle")
-                beat = self.queue.heartbeat([r.job.id for r in running], state)
+                beat = self.queue.heartbeat([r.job.id for r in running], state, self._memory_report())
+                self.last_beat_at = time.monotonic()
                 for entry in running:
                     if entry.job.id in beat.cancel_requested:
                         entry.ctx.interrupt(JobCanceled)
@@ -395,6 +417,13 @@ class Worker:
                 log.warning("heartbeat failed: %s", err)
             except Exception:
                 log.exception("lease keeper error")
+
+    def _memory_report(self) -> WorkerMemory | None:
+        try:
+            return self.memory.report()
+        except Exception as err:  # a memory probe must never cost the leases their heartbeat
+            log.warning("memory report failed: %s", err)
+            return None
 
     # -- listener -----------------------------------------------------------------------
 

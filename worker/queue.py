@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypedDict, TypeVar
 from uuid import UUID
 
 from psycopg.types.json import Jsonb
@@ -31,8 +31,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 # -- claim_jobs -- take up to %(limit)s due jobs of the served types: highest priority first, then
-# (model affinity) the types whose model is loaded on this worker, then the oldest. A job that
-# has waited longer than %(aging_seconds)s counts as affine, so no job starves.
+# jobs that waited longer than %(aging_seconds)s (so none starves), then (model affinity) the
+# types whose model is loaded on this worker, then the oldest.
 CLAIM_JOBS = """
 WITH candidates AS (
     -- the partial index jobs_claim_idx walks queued rows in claim order; the window bounds
@@ -52,8 +52,8 @@ next AS (
     FROM public.jobs AS j JOIN candidates AS c USING (id)
     WHERE j.status = 'queued'
     ORDER BY c.priority DESC,
-             (c.job_type = ANY(%(affine_types)s)
-              OR c.run_at < now() - make_interval(secs => %(aging_seconds)s)) DESC,
+             c.run_at < now() - make_interval(secs => %(aging_seconds)s) DESC,  -- the starvation bound
+             c.job_type = ANY(%(affine_types)s) DESC,
              c.run_at, c.id
     LIMIT %(limit)s
     FOR UPDATE OF j SKIP LOCKED
@@ -79,11 +79,18 @@ FROM public.jobs
 WHERE status = 'queued' AND job_type = ANY(%(job_types)s)
 """
 
-# -- heartbeat -- extend the leases of this worker's running jobs and beat its own row.
+# -- heartbeat -- extend the leases of this worker's running jobs and beat its own row, with its
+# memory (loaded models, VRAM, pressure) when given; NULL memory parameters leave those columns as they are.
 HEARTBEAT = """
 WITH beat AS (
     UPDATE public.workers
-    SET heartbeat_at = now(), state = %(state)s, current_jobs = %(job_ids)s::uuid[]
+    SET heartbeat_at = now(), state = %(state)s, current_jobs = %(job_ids)s::uuid[],
+        loaded_models = coalesce(%(loaded_models)s::jsonb, loaded_models),
+        vram_used_mb = coalesce(%(vram_used_mb)s::integer, vram_used_mb),
+        vram_total_mb = coalesce(%(vram_total_mb)s::integer, vram_total_mb),
+        memory_used_mb = coalesce(%(memory_used_mb)s::integer, memory_used_mb),
+        memory_budget_mb = coalesce(%(memory_budget_mb)s::integer, memory_budget_mb),
+        memory_pressure = coalesce(%(memory_pressure)s::text, memory_pressure)
     WHERE id = %(worker_id)s AND state <> 'stopped'
 )
 UPDATE public.jobs
@@ -192,7 +199,8 @@ VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s, %(job_types)s, 'idle', %(version)
 ON CONFLICT (id) DO UPDATE
 SET host = excluded.host, pid = excluded.pid, queues = excluded.queues, job_types = excluded.job_types,
     state = 'idle', version = excluded.version, started_at = now(), heartbeat_at = now(),
-    stopped_at = NULL, current_jobs = '{}'
+    stopped_at = NULL, current_jobs = '{}', loaded_models = '[]', vram_used_mb = NULL, vram_total_mb = NULL,
+    memory_used_mb = NULL, memory_budget_mb = NULL, memory_pressure = NULL
 """
 
 # -- set_worker_state -- idle | busy | draining | stopped.
@@ -200,7 +208,8 @@ SET_WORKER_STATE = """
 UPDATE public.workers
 SET state = %(state)s, heartbeat_at = now(),
     stopped_at = CASE WHEN %(state)s = 'stopped' THEN now() ELSE NULL END,
-    current_jobs = CASE WHEN %(state)s = 'stopped' THEN '{}' ELSE current_jobs END
+    current_jobs = CASE WHEN %(state)s = 'stopped' THEN '{}' ELSE current_jobs END,
+    loaded_models = CASE WHEN %(state)s = 'stopped' THEN '[]' ELSE loaded_models END
 WHERE id = %(id)s
 """
 
@@ -293,6 +302,20 @@ class Outcome:
         }
 
 
+class WorkerMemory(TypedDict):
+    """The memory columns of a workers row, as worker.memory.MemoryManager.report() gives them."""
+
+    loaded_models: list[dict[str, Any]]
+    vram_used_mb: int | None
+    vram_total_mb: int | None
+    memory_used_mb: int | None
+    memory_budget_mb: int | None
+    memory_pressure: str | None
+
+
+MEMORY_COLUMNS = tuple(WorkerMemory.__annotations__)
+
+
 @dataclass
 class Heartbeat:
     held: set[UUID] = field(default_factory=set)
@@ -348,9 +371,12 @@ class JobQueue:
         rows = self._execute(NEXT_DUE, {"job_types": list(job_types)})
         return rows[0]["run_at"] if rows else None
 
-    def heartbeat(self, job_ids: Iterable[UUID], state: str) -> Heartbeat:
+    def heartbeat(self, job_ids: Iterable[UUID], state: str, memory: WorkerMemory | None = None) -> Heartbeat:
+        columns: dict[str, Any] = {name: (memory or {}).get(name) for name in MEMORY_COLUMNS}
+        if columns["loaded_models"] is not None:
+            columns["loaded_models"] = Jsonb(columns["loaded_models"])
         rows = self._execute(HEARTBEAT, {"worker_id": self.worker_id, "job_ids": list(job_ids),
-                                         "state": state, "lease_seconds": self.lease_seconds})
+                                         "state": state, "lease_seconds": self.lease_seconds, **columns})
         return Heartbeat(
             held={row["id"] for row in rows},
             cancel_requested={row["id"] for row in rows if row["cancel_requested"]},

@@ -48,6 +48,19 @@ class Handler(Protocol):
     - `max_batch_size = N` with `run_batch(jobs, ctxs) -> list[result | exception]`: claimed jobs
       of this handler are run together, up to N at a time; each job still gets its own context,
       result, error and cancellation.
+
+    And those the memory manager (worker.memory) uses; it calls load() under MODEL_LOAD_LOCK, and
+    unload() only while no job of the handler runs:
+
+    - `unload()`: drop every reference to the loaded weights; the next job calls load() again.
+      Without it the handler's model is never evicted.
+    - `modules()`: the torch modules holding the weights, to measure the footprint on CPU and to
+      check after unload() that they were freed.
+    - `model_key`: the model's name for the workers row and the footprint memory (else `source`,
+      else the handler's name); `source`: a local model folder or file whose weight files estimate
+      the first load.
+    - `attach_memory(manager)`: called once with the manager, for a handler that uses another
+      handler's model (WAN enhancement uses the chat handler's, through `manager.use("chat")`).
     """
 
     def load(self) -> None:
@@ -78,6 +91,7 @@ class JobContext:
         self._written = False
         self._pending: tuple[int, str | None, dict[str, Any] | None] | None = None
         self._interrupt: type[JobInterrupted] | None = None
+        self._latest: tuple[int, str | None] = (0, None)
         self.assets: list[dict[str, Any]] = []
 
     # -- progress and cancellation ------------------------------------------------------
@@ -92,6 +106,7 @@ class JobContext:
         percent = max(0, min(100, round(fraction * 100)))
         with self._lock:
             self._pending = (percent, stage, partial)
+            self._latest = (percent, stage)
         self.flush()
         self.check()
 
@@ -118,6 +133,11 @@ class JobContext:
         """Raise if the job was canceled, its lease lost, or the worker is stopping."""
         if self._interrupt is not None:
             raise self._interrupt(f"job {self.job.id}: {self._interrupt.__name__}")
+
+    @property
+    def last_progress(self) -> tuple[int, str | None]:
+        """The latest (percent, stage) the handler reported, written or still throttled."""
+        return self._latest
 
     @property
     def cancelled(self) -> bool:

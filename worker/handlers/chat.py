@@ -614,6 +614,21 @@ class ChatHandler:
         log.info("chat model %s loaded on %s in %.1fs", self.source, self.model.info["device"],
                  self.model.load_seconds)
 
+    @property
+    def model_key(self) -> str:
+        """The model this handler serves, as the memory manager and the workers row name it."""
+        return self.source
+
+    def modules(self) -> list[Any]:
+        """The torch modules holding the weights: the memory manager measures them and checks they are freed."""
+        model = self.model
+        return [model.model] if model is not None else []
+
+    def unload(self) -> None:
+        """Drop the model (the memory manager evicts it); the next job, or a WAN enhancement, loads it again."""
+        with self._load_lock:
+            self.model = None
+
     def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
         value = self.run_batch([job], [ctx])[0]
         if isinstance(value, BaseException):

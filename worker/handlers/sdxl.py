@@ -175,6 +175,23 @@ class SdxlHandler:
         place(pipe, device, self.settings)
         self._serve(pipe, device, dtype)
 
+    @property
+    def model_key(self) -> str:
+        """The model this handler serves, as the memory manager and the workers row name it."""
+        return self.source
+
+    def modules(self) -> list[Any]:
+        """The torch modules of the loaded pipeline (img2img shares them): what the memory manager measures."""
+        import torch
+
+        pipe = self.pipe
+        return [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)] if pipe is not None else []
+
+    def unload(self) -> None:
+        """Drop both pipelines (the memory manager evicts them); the next job loads them again."""
+        with self._lock:
+            self.pipe = self.img2img = None
+
     def adopt(self, pipe: Any, label: str = "in-memory") -> None:
         """Serve with a pipeline built elsewhere (the benchmark builds full-size ones from configs)."""
         with self._lock:

@@ -37,11 +37,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from pydantic import Field, ValidationError, field_validator
 
@@ -182,6 +183,14 @@ def route(mode: ReferenceMode, frames: int, vace: bool, i2v_kind: str | None) ->
                    f"(wan_vace_model) and its I2V model serves {served}")
 
 
+class ModelMemory(Protocol):
+    """What the WAN handler needs of worker.memory.MemoryManager (not imported: handlers stay light)."""
+
+    def manages(self, name: str, handler: Any) -> bool: ...
+
+    def use(self, name: str, on_load: Callable[[], None] | None = None) -> AbstractContextManager[Any]: ...
+
+
 class _EnhanceContext:
     """The job's context as the chat model sees it: its progress lands in the enhancing band."""
 
@@ -219,13 +228,40 @@ class WanHandler:
         self._schedulers: dict[tuple[str, str, float], Any] = {}
         self._unreported_load = 0.0
         self._lock = threading.Lock()
+        self.memory: ModelMemory | None = None
 
     def connect(self, handlers: Mapping[str, Handler]) -> None:
         """The worker's handlers: its `chat` handler, if any, serves prompt enhancement (looked up
         when needed, so a chat handler replaced after start-up is the one used)."""
         self._peers = handlers
 
+    def attach_memory(self, memory: ModelMemory) -> None:
+        """The worker's memory manager: the chat model for enhancement is loaded (and kept while in
+        use) through it, so an evicted chat model comes back within the budget."""
+        self.memory = memory
+
     # -- loading ------------------------------------------------------------------------
+
+    @property
+    def model_key(self) -> str:
+        """The model this handler serves, as the memory manager and the workers row name it."""
+        return self.source
+
+    def modules(self) -> list[Any]:
+        """The torch modules of every loaded pipeline (shared encoders and VAE once): what the memory manager
+        measures."""
+        import torch
+
+        pipes = list(self.pipes.values())
+        found = {id(c): c for pipe in pipes for c in pipe.components.values() if isinstance(c, torch.nn.Module)}
+        return list(found.values())
+
+    def unload(self) -> None:
+        """Drop every pipeline (the memory manager evicts them); the next job loads T2V again, a reference job
+        its VACE/I2V pipeline."""
+        with self._lock:
+            self.pipes = {}
+            self._schedulers.clear()
 
     def load(self) -> None:
         with self._lock, MODEL_LOAD_LOCK:
@@ -429,6 +465,11 @@ class WanHandler:
             raise JobError(ErrorCode.MODEL_UNAVAILABLE,
                            "prompt enhancement needs the chat model in this worker process (run it with the chat "
                            "handler), or send enhance_prompt false")
+        memory = self.memory
+        if memory is not None and memory.manages("chat", chat):
+            # the chat handler's own instance, loaded within the budget and not evicted while it enhances
+            with memory.use("chat", on_load=lambda: ctx.progress(0.01, STAGE_LOADING)):
+                return self._enhance_with(chat, ctx, request)
         if getattr(chat, "model", None) is None:
             ctx.progress(0.01, STAGE_LOADING)
             try:
@@ -436,6 +477,9 @@ class WanHandler:
                     chat.load()
             except Exception as err:
                 raise load_error("chat model", str(getattr(chat, "source", "?")), err) from err
+        return self._enhance_with(chat, ctx, request)
+
+    def _enhance_with(self, chat: Handler, ctx: JobContext, request: WanRequest) -> dict[str, Any]:
         from worker.handlers.chat import enhance_prompt
 
         ctx.progress(0.01, STAGE_ENHANCING)

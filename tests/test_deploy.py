@@ -1,0 +1,185 @@
+"""deploy/: the Dockerfile and the Kubernetes/KEDA example cannot run here, so they are parsed,
+cross-checked against each other and against the CLI, and the KEDA query is run on the migrated
+schema to show that it is valid and follows the backlog."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer.main
+import yaml
+
+from worker import db
+from worker.cli import app
+from worker.queue import JobQueue
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
+K8S = REPO_ROOT / "deploy" / "k8s" / "worker.yaml"
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        instruction, _, args = (pending + stripped).partition(" ")
+        out.append((instruction.upper(), args.strip()))
+        pending = ""
+    assert not pending, "a continuation line at the end of the Dockerfile"
+    return out
+
+
+def exec_form(args: str) -> list[str]:
+    value = json.loads(args)
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), f"not exec form: {args}"
+    return value
+
+
+def run_options_parse(args: list[str]) -> dict[str, Any]:
+    """What `ourvidz-worker run ARGS` would parse to, without running it: unknown options fail."""
+    command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+    with command.make_context("run", list(args)) as ctx:
+        return dict(ctx.params)
+
+
+@pytest.fixture(scope="module")
+def docker() -> list[tuple[str, str]]:
+    return dockerfile_instructions(DOCKERFILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all(K8S.read_text()) if d]
+    kinds = [d["kind"] for d in docs]
+    assert len(set(kinds)) == len(kinds), kinds
+    return {d["kind"]: d for d in docs}
+
+
+# --- Dockerfile --------------------------------------------------------------------------
+
+
+def test_dockerfile_builds_a_cuda_worker_image(docker):
+    froms = [args for instr, args in docker if instr == "FROM"]
+    assert len(froms) == 1 and froms[0].startswith("nvidia/cuda:") and "ubuntu" in froms[0], froms
+    runs = " && ".join(args for instr, args in docker if instr == "RUN")
+    assert "pip install" in runs and "-e ." in runs, "the package is installed"
+    assert "python3-venv" in runs and "tini" in runs
+
+    # every COPY source is in the repository (the build context) and not ignored
+    ignore = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().split()
+    assert ignore[0] == "*", "ignore everything but what the image needs"
+    for instr, args in docker:
+        if instr == "COPY":
+            *sources, _dest = shlex.split(args)
+            for source in sources:
+                assert (REPO_ROOT / source).exists(), source
+                assert f"!{source}" in ignore, f"{source} is not sent to the build"
+
+    # the code lands before the editable install; the package's migrations come with it
+    order = [instr + " " + args for instr, args in docker]
+    copy_sql = order.index("COPY sql ./sql")
+    assert copy_sql < next(i for i, line in enumerate(order) if "pip install -e ." in line)
+
+    users = [args for instr, args in docker if instr == "USER"]
+    assert users and users[-1] not in ("root", "0"), "the worker does not run as root"
+
+    [entrypoint] = [exec_form(args) for instr, args in docker if instr == "ENTRYPOINT"]
+    [cmd] = [exec_form(args) for instr, args in docker if instr == "CMD"]
+    start = entrypoint.index("ourvidz-worker")
+    assert entrypoint[start + 1] == "run" and entrypoint[:start] == ["tini", "--"]
+    params = run_options_parse(entrypoint[start + 2:] + cmd)
+    assert params["gpus"] == "all"
+
+
+# --- Kubernetes and KEDA -----------------------------------------------------------------
+
+
+def test_k8s_example_is_consistent(manifests, docker):
+    assert {"Secret", "Deployment", "TriggerAuthentication", "ScaledObject"} <= set(manifests)
+    deployment, scaled = manifests["Deployment"], manifests["ScaledObject"]
+    assert deployment["apiVersion"] == "apps/v1" and scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"][
+        "labels"].items()
+
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    # args follow the image's ENTRYPOINT `ourvidz-worker run`: they must be valid `run` options
+    params = run_options_parse(container["args"])
+    assert params["gpus"] == "all"
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert env["OURVIDZ_STORAGE_BACKEND"] == "supabase"
+    assert pod["terminationGracePeriodSeconds"] > float(env["OURVIDZ_SHUTDOWN_GRACE"]), \
+        "Kubernetes must not kill a pod before the worker's own grace has run out"
+    secret = manifests["Secret"]
+    assert [s["secretRef"]["name"] for s in container["envFrom"]] == [secret["metadata"]["name"]]
+    assert {"DATABASE_URL", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY"} <= set(secret["stringData"])
+    assert ":5432/" in secret["stringData"]["DATABASE_URL"], "a LISTENing worker needs session mode or direct"
+    probe_port = container["livenessProbe"]["httpGet"]["port"]
+    [port] = [p for p in container["ports"] if p["name"] == probe_port]
+    assert port["containerPort"] == params["health_port"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+
+    [trigger] = scaled["spec"]["triggers"]
+    assert trigger["type"] == "postgresql"
+    auth = manifests["TriggerAuthentication"]
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    [ref] = auth["spec"]["secretTargetRef"]
+    assert ref["parameter"] == "connection" and ref["name"] == secret["metadata"]["name"]
+    assert ref["key"] in secret["stringData"]
+    meta = trigger["metadata"]
+    assert float(meta["targetQueryValue"]) > 0 and float(meta["activationTargetQueryValue"]) >= 0
+    assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata values are strings"
+    assert 0 <= scaled["spec"]["minReplicaCount"] < scaled["spec"]["maxReplicaCount"]
+
+
+def keda_query(manifests: dict[str, dict[str, Any]]) -> str:
+    return manifests["ScaledObject"]["spec"]["triggers"][0]["metadata"]["query"]
+
+
+def scalar(url: str, sql: str) -> Any:
+    with db.connect(url) as conn:
+        rows = conn.execute(sql).fetchall()
+    assert len(rows) == 1 and len(rows[0]) == 1, f"KEDA needs one row with one value: {rows}"
+    return next(iter(rows[0].values()))
+
+
+def test_keda_query_follows_the_gpu_backlog(manifests, database_url, queue: JobQueue, sql):
+    query = keda_query(manifests)
+    assert "public.queue_depth" in query
+    served = {r["queue"] for r in sql.execute("select distinct queue from job_types where queue <> 'demo'")}
+    assert served == {"sdxl", "wan", "chat"}, "the query's queue list must cover every GPU queue"
+
+    assert scalar(database_url, query) == 0, "nothing queued: scale to minReplicaCount"
+    jobs = [queue.enqueue("sdxl_image_fast", {"prompt": f"cat {i}"}) for i in range(3)]
+    jobs.append(queue.enqueue("video_fast", {"prompt": "a wave"}))
+    jobs.append(queue.enqueue("chat_conversation", {"prompt": "hi"}))
+    value = scalar(database_url, query)
+    assert isinstance(value, int) and value == 5, "KEDA's query must return an integer"
+
+    queue.enqueue("simulate", {})  # the demo queue needs no GPU
+    sql.execute("insert into jobs (job_type, payload, run_at) values ('sdxl_image_fast', '{}', now() + interval '1h')")
+    [sdxl] = sql.execute("select queued, scheduled from queue_depth where queue = 'sdxl'").fetchall()
+    assert sdxl == {"queued": 3, "scheduled": 1}
+    assert scalar(database_url, query) == 5, "demo and not-yet-due (retry backoff) jobs do not count"
+
+    claimer = JobQueue(queue.pool, "keda-test-worker", 30.0)
+    [claimed] = claimer.claim(["sdxl_image_fast"], 1)
+    assert queue.get_job(claimed.id)["status"] == "processing"
+    assert scalar(database_url, query) == 5, "a running job still needs its GPU"
+
+    queue.request_cancel(jobs[-1])
+    assert queue.get_job(jobs[-1])["status"] == "canceled"
+    assert scalar(database_url, query) == 4
