@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -106,6 +107,8 @@ def run_demo(settings: Settings, console: Console, concurrency: int = 2) -> bool
 
     try:
         rows = follow(queue, ids, console, on_tick=cancel_when_due, labels=[d.story for d in DEMO_JOBS])
+        worker.beat_now()  # so the dashboards show the models this worker holds right now
+        print_dashboards(queue, console)
     finally:
         worker.stop()
         thread.join(timeout=30)
@@ -130,6 +133,26 @@ def run_demo(settings: Settings, console: Console, concurrency: int = 2) -> bool
     console.print(table)
     console.print("[green]every job ended as expected[/]" if ok else "[red]some jobs did not end as expected[/]")
     return ok
+
+
+def print_dashboards(queue: JobQueue, console: Console,
+                     views: tuple[str, ...] = ("queue_depth", "job_latency_24h", "job_failure_rates_24h",
+                                               "worker_memory")) -> None:
+    """The SQL dashboard views, as Studio or Grafana would show them."""
+    for view in views:
+        rows = queue.read_dashboard(view)
+        table = Table(*(rows[0].keys() if rows else ["(no rows)"]), title=f"view {view}", title_justify="left")
+        for row in rows:
+            table.add_row(*(_cell(v) for v in row.values()))
+        console.print(table)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, list | dict):
+        return json.dumps(value, default=str)[:40]
+    return "" if value is None else str(value)[:40]
 
 
 def demo_diffusion_handlers(settings: Settings, console: Console) -> dict[str, Handler]:

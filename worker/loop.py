@@ -94,6 +94,7 @@ class Worker:
         self._abort = threading.Event()  # second signal: release at once
         self._done = threading.Event()  # loop finished; helpers exit
         self._types_changed = threading.Event()
+        self._beat_requested = threading.Event()
         self._listening = threading.Event()
         self._finished: deque[Outcome] = deque()
         self._running: dict[UUID, Running] = {}
@@ -128,6 +129,7 @@ class Worker:
         finally:
             self._shutdown()
             self._done.set()
+            self._beat_requested.set()  # wakes the lease keeper so it sees _done
             for thread in helpers:
                 thread.join(timeout=5)
             self._set_state("stopped")  # after the lease keeper is gone, so no late beat overwrites it
@@ -394,7 +396,11 @@ class Worker:
         beat_every = max(0.05, self.settings.lease_seconds / 3)
         rescue_every = max(0.1, min(15.0, self.settings.lease_seconds / 2))
         next_rescue = 0.0
-        while not self._done.wait(beat_every):
+        while not self._done.is_set():
+            self._beat_requested.wait(beat_every)
+            self._beat_requested.clear()
+            if self._done.is_set():
+                break
             with self._running_lock:
                 running = list(self._running.values())
             try:
@@ -417,6 +423,14 @@ class Worker:
                 log.warning("heartbeat failed: %s", err)
             except Exception:
                 log.exception("lease keeper error")
+
+    def beat_now(self, timeout: float = 2.0) -> None:
+        """Heartbeat at once (the workers row shows the current state) and wait for it."""
+        before = self.last_beat_at
+        self._beat_requested.set()
+        deadline = time.monotonic() + timeout
+        while self.last_beat_at == before and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _memory_report(self) -> WorkerMemory | None:
         try:

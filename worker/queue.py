@@ -249,6 +249,11 @@ ORDER BY created_at DESC
 LIMIT %(limit)s
 """
 
+# -- read_dashboard -- one of the dashboard views (sql/migrations/*_dashboards.sql), by name.
+DASHBOARD_VIEWS = ("queue_depth", "job_latency_24h", "job_failure_rates_24h", "job_throughput_hourly",
+                   "workers_stale", "worker_memory", "user_usage")
+READ_DASHBOARD = "SELECT * FROM public.{view} LIMIT %(limit)s"
+
 # -- list_job_types --
 LIST_JOB_TYPES = "SELECT * FROM public.job_types ORDER BY queue, name"
 
@@ -437,6 +442,11 @@ class JobQueue:
 
     def recent_jobs(self, limit: int = 20, status: str | None = None) -> list[dict[str, Any]]:
         return self._execute(RECENT_JOBS, {"limit": limit, "status": status})
+
+    def read_dashboard(self, view: str, limit: int = 20) -> list[dict[str, Any]]:
+        if view not in DASHBOARD_VIEWS:
+            raise ValueError(f"{view!r} is not a dashboard view ({', '.join(DASHBOARD_VIEWS)})")
+        return self._execute(READ_DASHBOARD.format(view=view), {"limit": limit})
 
     def list_job_types(self) -> list[dict[str, Any]]:
         return self._execute(LIST_JOB_TYPES, {})
