@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(default=2.0, ge=0, description="First retry delay; doubles per attempt.")
     retry_max_seconds: float = Field(default=300.0, ge=0, description="Cap of the retry delay.")
     pool_size: int = Field(default=4, ge=1, description="Connections in the worker's pool.")
+    prepare_statements: bool = Field(
+        default=True, description="Server-side prepared statements; set false behind a transaction-mode pooler."
+    )
     health_port: int | None = Field(
         default=None, ge=0, le=65535,
         description="Serve GET /health, /status and /metrics on this port (0: any free port). Unset: no server.",

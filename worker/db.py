@@ -78,7 +78,9 @@ def connect(url: str, **kwargs: Any) -> Connection:
     return psycopg.connect(url, autocommit=True, row_factory=dict_row, **kwargs)
 
 
-def make_pool(url: str, size: int, name: str = "ourvidz") -> ConnectionPool[Connection]:
+def make_pool(url: str, size: int, name: str = "ourvidz", *, prepare: bool = True) -> ConnectionPool[Connection]:
+    """`prepare=False` for transaction-mode poolers, which may not keep a prepared statement
+    between transactions on the same server connection."""
     def configure(conn: Connection) -> None:
         conn.autocommit = True
 
@@ -86,7 +88,7 @@ def make_pool(url: str, size: int, name: str = "ourvidz") -> ConnectionPool[Conn
         url,
         min_size=1,
         max_size=size,
-        kwargs={"row_factory": dict_row, "autocommit": True},
+        kwargs={"row_factory": dict_row, "autocommit": True, **({} if prepare else {"prepare_threshold": None})},
         configure=configure,
         check=ConnectionPool.check_connection,
         name=name,

@@ -85,7 +85,8 @@ class Worker:
         self.max_jobs = max_jobs
         self.id = settings.resolved_worker_id
         self.stats = WorkerStats()
-        self.pool = db.make_pool(self.url, settings.pool_size + 1, name=f"worker-{self.id}")
+        self.pool = db.make_pool(self.url, settings.pool_size + 1, name=f"worker-{self.id}",
+                                 prepare=settings.prepare_statements)
         self.queue = JobQueue(self.pool, self.id, settings.lease_seconds)
 
         self._wake = threading.Event()  # the main loop has something to do
