@@ -78,9 +78,11 @@ def connect(url: str, **kwargs: Any) -> Connection:
     return psycopg.connect(url, autocommit=True, row_factory=dict_row, **kwargs)
 
 
-def make_pool(url: str, size: int, name: str = "ourvidz", *, prepare: bool = True) -> ConnectionPool[Connection]:
+def make_pool(url: str, size: int, name: str = "ourvidz", *, prepare: bool = True,
+              check: bool = True) -> ConnectionPool[Connection]:
     """`prepare=False` for transaction-mode poolers, which may not keep a prepared statement
-    between transactions on the same server connection."""
+    between transactions on the same server connection. `check=False` skips the liveness round
+    trip on every checkout, for callers that retry a statement a restart broke (the worker)."""
     def configure(conn: Connection) -> None:
         conn.autocommit = True
 
@@ -90,7 +92,7 @@ def make_pool(url: str, size: int, name: str = "ourvidz", *, prepare: bool = Tru
         max_size=size,
         kwargs={"row_factory": dict_row, "autocommit": True, **({} if prepare else {"prepare_threshold": None})},
         configure=configure,
-        check=ConnectionPool.check_connection,
+        check=ConnectionPool.check_connection if check else None,
         name=name,
         open=True,
         timeout=10.0,  # a caller waits this long for a connection, then retries or backs off

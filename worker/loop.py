@@ -20,6 +20,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from queue import SimpleQueue
 from types import FrameType
 from typing import Any
 from uuid import UUID
@@ -53,8 +54,24 @@ CHANNEL_TYPES = "ourvidz_types"
 class Running:
     job: Job
     ctx: JobContext
-    thread: threading.Thread
     started: float = field(default_factory=time.monotonic)
+
+
+class JobRunners:
+    """Daemon threads that run claimed jobs, started once and reused: starting a thread per job
+    costs more than a short job itself. Daemon, so a hung handler never blocks the exit."""
+
+    def __init__(self, size: int) -> None:
+        self._tasks: SimpleQueue[Callable[[], None]] = SimpleQueue()
+        for index in range(size):
+            threading.Thread(target=self._work, name=f"job-runner-{index}", daemon=True).start()
+
+    def submit(self, task: Callable[[], None]) -> None:
+        self._tasks.put(task)
+
+    def _work(self) -> None:
+        while True:
+            self._tasks.get()()
 
 
 @dataclass
@@ -86,7 +103,7 @@ class Worker:
         self.id = settings.resolved_worker_id
         self.stats = WorkerStats()
         self.pool = db.make_pool(self.url, settings.pool_size + 1, name=f"worker-{self.id}",
-                                 prepare=settings.prepare_statements)
+                                 prepare=settings.prepare_statements, check=False)
         self.queue = JobQueue(self.pool, self.id, settings.lease_seconds)
 
         self._wake = threading.Event()  # the main loop has something to do
@@ -100,6 +117,7 @@ class Worker:
         self._finished: deque[Outcome] = deque()
         self._running: dict[UUID, Running] = {}
         self._running_lock = threading.Lock()
+        self._runners = JobRunners(settings.concurrency)
         self._run_locks: dict[str, threading.Lock] = {}
         self.memory = MemoryManager(settings, handlers)  # loads, pins and evicts the handlers' models
         self._served: dict[str, JobType] = {}
@@ -237,12 +255,11 @@ class Worker:
     def _start(self, jobs: list[Job]) -> None:
         ctxs = [JobContext(job, self.storage, self._progress_writer(job.id), self.settings.progress_interval)
                 for job in jobs]
-        thread = threading.Thread(target=self._run_jobs, args=(jobs, ctxs), name=f"job-{jobs[0].id}", daemon=True)
         with self._running_lock:
             for job, ctx in zip(jobs, ctxs, strict=True):
-                self._running[job.id] = Running(job, ctx, thread)
+                self._running[job.id] = Running(job, ctx)
         self.stats.claimed += len(jobs)
-        thread.start()
+        self._runners.submit(lambda: self._run_jobs(jobs, ctxs))
 
     def _progress_writer(self, job_id: UUID) -> Any:
         def write(progress: int, stage: str | None, partial: dict[str, Any] | None) -> bool:
@@ -413,7 +430,7 @@ class Worker:
                 for entry in running:
                     if entry.job.id in beat.cancel_requested:
                         entry.ctx.interrupt(JobCanceled)
-                    elif entry.job.id not in beat.held and entry.thread.is_alive():
+                    elif entry.job.id not in beat.held:
                         entry.ctx.interrupt(JobLeaseLost)
                 if time.monotonic() >= next_rescue:
                     next_rescue = time.monotonic() + rescue_every

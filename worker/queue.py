@@ -337,9 +337,17 @@ class JobQueue:
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
 
-    def _execute(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    def _execute(self, query: str, params: dict[str, Any], *, durable: bool = True) -> list[dict[str, Any]]:
+        """Run one statement in its own transaction. `durable=False` commits without waiting for
+        the WAL flush, for writes whose loss in a database crash is harmless because they are
+        fenced or redone (claims, heartbeats, progress); outcomes are always durable."""
         with self.pool.connection() as conn:
-            cur = conn.execute(query, params)
+            if durable:
+                cur = conn.execute(query, params)
+                return cur.fetchall() if cur.description else []
+            with conn.pipeline(), conn.transaction():  # one round trip for SET, statement, COMMIT
+                conn.execute("SET LOCAL synchronous_commit TO off")
+                cur = conn.execute(query, params)
             return cur.fetchall() if cur.description else []
 
     # -- worker side --------------------------------------------------------------------
@@ -369,7 +377,7 @@ class JobQueue:
             "job_types": list(job_types), "limit": limit, "affine_types": list(affine_types),
             "window": max(window, limit) if affine_types else limit, "aging_seconds": aging_seconds,
             "worker_id": self.worker_id, "lease_seconds": self.lease_seconds,
-        })
+        }, durable=False)  # a claim lost in a crash only means the job is claimed again
         return [Job.model_validate(row) for row in rows]
 
     def next_due(self, job_types: Sequence[str]) -> datetime | None:
@@ -381,7 +389,8 @@ class JobQueue:
         if columns["loaded_models"] is not None:
             columns["loaded_models"] = Jsonb(columns["loaded_models"])
         rows = self._execute(HEARTBEAT, {"worker_id": self.worker_id, "job_ids": list(job_ids),
-                                         "state": state, "lease_seconds": self.lease_seconds, **columns})
+                                         "state": state, "lease_seconds": self.lease_seconds, **columns},
+                             durable=False)
         return Heartbeat(
             held={row["id"] for row in rows},
             cancel_requested={row["id"] for row in rows if row["cancel_requested"]},
@@ -394,7 +403,7 @@ class JobQueue:
             "id": job_id, "worker_id": self.worker_id, "progress": progress, "stage": stage,
             "partial": Jsonb(partial) if partial is not None else None,
             "lease_seconds": self.lease_seconds,
-        })
+        }, durable=False)
         if not rows:
             raise LeaseLost(f"job {job_id} is no longer held by {self.worker_id}")
         return bool(rows[0]["cancel_requested"])
