@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from worker.tiny_models import build_model_folder, read_marker
+
 TINY_DIFFUSION_VERSION = "tiny-diffusion-v1"  # bump when a recipe changes; older folders are rebuilt
-MARKER = "ourvidz_tiny_model.json"
 WanKind = Literal["t2v", "vace", "i2v", "flf2v"]
 
 # What the handlers accept for a tiny model (they read it from the marker; see worker.handlers.limits).
@@ -72,37 +71,15 @@ def build_tiny_models(root: str | os.PathLike[str], *, i2v: bool = True) -> dict
     return models
 
 
-def read_marker(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    try:
-        data = json.loads((Path(path) / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _build(path: str | os.PathLike[str], recipe: dict[str, Any], write: Callable[[Path], None]) -> Path:
     """Build in a sibling temp folder and rename into place, so a concurrent builder (a test run and
     a demo) never sees a half-written model."""
-    target = Path(path).expanduser().resolve()
-    if read_marker(target) == recipe:
-        return target
+    if read_marker(path) == recipe:
+        return Path(path).expanduser().resolve()
     from worker.handlers.diffusion import quiet_libraries
 
     quiet_libraries()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        write(staging)
-        (staging / MARKER).write_text(json.dumps(recipe, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except OSError:
-        if read_marker(target) != recipe:  # lost a rename race to an identical build: fine
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_model_folder(path, recipe, write)
 
 
 # --- tokenizers -------------------------------------------------------------------------

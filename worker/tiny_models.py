@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,34 +69,46 @@ def build_tiny_qwen(path: str | os.PathLike[str], *, hidden_size: int = 64, num_
     Built in a sibling temp folder and renamed into place, so concurrent builders (a test run and
     a demo) never see a half-written model.
     """
-    target = Path(path).expanduser().resolve()
     recipe = {"version": TINY_QWEN_VERSION, "hidden_size": hidden_size, "num_layers": num_layers,
               "vocab_size": vocab_size, "max_positions": max_positions, "seed": seed, "init_std": init_std}
-    if _marker(target) == recipe:
+
+    def write(staging: Path) -> None:
+        tokenizer = _tiny_tokenizer(vocab_size)
+        tokenizer.save_pretrained(staging)
+        _tiny_model(tokenizer, hidden_size, num_layers, max_positions, seed, init_std).save_pretrained(staging)
+
+    return build_model_folder(path, recipe, write)
+
+
+def build_model_folder(path: str | os.PathLike[str], recipe: dict[str, Any],
+                       write: Callable[[Path], None]) -> Path:
+    """Run `write` into a sibling temp folder and rename it into place with a marker naming the
+    recipe; a folder whose marker already matches is kept as it is (idempotent builds)."""
+    target = Path(path).expanduser().resolve()
+    if read_marker(target) == recipe:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        tokenizer = _tiny_tokenizer(vocab_size)
-        tokenizer.save_pretrained(staging)
-        _tiny_model(tokenizer, hidden_size, num_layers, max_positions, seed, init_std).save_pretrained(staging)
+        write(staging)
         (staging / MARKER).write_text(json.dumps(recipe, indent=2))
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
     except OSError:
-        if _marker(target) != recipe:  # lost a rename race to an identical build: fine
+        if read_marker(target) != recipe:  # lost a rename race to an identical build: fine
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def _marker(path: Path) -> dict[str, Any] | None:
+def read_marker(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     try:
-        return json.loads((path / MARKER).read_text())
+        data = json.loads((Path(path) / MARKER).read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _tiny_tokenizer(vocab_size: int) -> Any:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from worker.config import Settings
 from worker.handlers.base import JobContext
 from worker.jobs import ErrorCode, Job, JobError, resolve_config_aliases
-from worker.tiny_diffusion import read_marker
+from worker.tiny_models import read_marker
 
 if TYPE_CHECKING:
     import torch
