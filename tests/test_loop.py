@@ -361,3 +361,18 @@ def test_result_the_database_cannot_store_fails_only_that_job(queue, start_worke
     row = wait_status(queue, nan, "failed")
     assert row["error"]["code"] == "GENERATION_FAILED" and "could not be stored" in row["error"]["message"]
     assert wait_status(queue, good, "completed")["result"] == {"text": "fine"}
+
+
+def test_concurrent_claims_each_get_jobs(queue, database_url, probe_type):
+    from worker import db
+    from worker.queue import CLAIM_JOBS
+
+    ids = [queue.enqueue(probe_type, {"n": i}) for i in range(10)]
+    params = {"job_types": [probe_type], "limit": 4, "affine_types": [], "window": 4, "aging_seconds": 300,
+              "lease_seconds": 30}
+    with db.connect(database_url) as a, db.connect(database_url) as b:
+        with a.transaction():  # worker A's claim, not yet committed, holds its rows
+            got_a = {r["id"] for r in a.execute(CLAIM_JOBS, {**params, "worker_id": "a"}).fetchall()}
+            got_b = {r["id"] for r in b.execute(CLAIM_JOBS, {**params, "worker_id": "b"}).fetchall()}
+        assert len(got_a) == 4 and len(got_b) == 4 and not got_a & got_b
+        assert got_a | got_b == set(ids[:8])

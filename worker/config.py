@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(default=2.0, ge=0, description="First retry delay; doubles per attempt.")
     retry_max_seconds: float = Field(default=300.0, ge=0, description="Cap of the retry delay.")
     pool_size: int = Field(default=4, ge=1, description="Connections in the worker's pool.")
+    async_commit: bool = Field(
+        default=True,
+        description="Claims, heartbeats and progress commit without waiting for the WAL flush (outcomes "
+                    "always wait); set false behind a transaction-mode pooler.",
+    )
     prepare_statements: bool = Field(
         default=True, description="Server-side prepared statements; set false behind a transaction-mode pooler."
     )

@@ -79,12 +79,16 @@ def connect(url: str, **kwargs: Any) -> Connection:
 
 
 def make_pool(url: str, size: int, name: str = "ourvidz", *, prepare: bool = True,
-              check: bool = True) -> ConnectionPool[Connection]:
+              check: bool = True, async_commit: bool = False) -> ConnectionPool[Connection]:
     """`prepare=False` for transaction-mode poolers, which may not keep a prepared statement
     between transactions on the same server connection. `check=False` skips the liveness round
-    trip on every checkout, for callers that retry a statement a restart broke (the worker)."""
+    trip on every checkout, for callers that retry a statement a restart broke (the worker).
+    `async_commit=True` commits without waiting for the WAL flush unless a statement asks for it
+    (see JobQueue._execute)."""
     def configure(conn: Connection) -> None:
         conn.autocommit = True
+        if async_commit:  # a session setting: not for transaction-mode poolers
+            conn.execute("SET synchronous_commit TO off")
 
     return ConnectionPool(
         url,

@@ -103,8 +103,9 @@ class Worker:
         self.id = settings.resolved_worker_id
         self.stats = WorkerStats()
         self.pool = db.make_pool(self.url, settings.pool_size + 1, name=f"worker-{self.id}",
-                                 prepare=settings.prepare_statements, check=False)
-        self.queue = JobQueue(self.pool, self.id, settings.lease_seconds)
+                                 prepare=settings.prepare_statements, check=False,
+                                 async_commit=settings.async_commit)
+        self.queue = JobQueue(self.pool, self.id, settings.lease_seconds, async_commit=settings.async_commit)
 
         self._wake = threading.Event()  # the main loop has something to do
         self._notified = threading.Event()  # a job may have become claimable

@@ -45,9 +45,10 @@ WITH candidates AS (
       AND job_type = ANY(%(job_types)s)
     ORDER BY priority DESC, run_at, id
     LIMIT %(window)s
+    -- SKIP LOCKED here, not only below: concurrent workers must each get their own window
+    FOR UPDATE SKIP LOCKED
 ),
 next AS (
-    -- SKIP LOCKED lets concurrent workers pass over each other's picks instead of waiting
     SELECT j.id
     FROM public.jobs AS j JOIN candidates AS c USING (id)
     WHERE j.status = 'queued'
@@ -56,7 +57,6 @@ next AS (
              c.job_type = ANY(%(affine_types)s) DESC,
              c.run_at, c.id
     LIMIT %(limit)s
-    FOR UPDATE OF j SKIP LOCKED
 )
 UPDATE public.jobs AS j
 SET status = 'processing',
@@ -331,22 +331,28 @@ class JobQueue:
     """Job-table operations for one worker (or for the CLI, with worker_id=None)."""
 
     def __init__(
-        self, pool: ConnectionPool[Connection], worker_id: str | None = None, lease_seconds: float = 30.0
+        self, pool: ConnectionPool[Connection], worker_id: str | None = None, lease_seconds: float = 30.0,
+        *, async_commit: bool = False,
     ) -> None:
         self.pool = pool
+        self.async_commit = async_commit  # the pool's sessions run with synchronous_commit off
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
 
-    def _execute(self, query: str, params: dict[str, Any], *, durable: bool = True) -> list[dict[str, Any]]:
-        """Run one statement in its own transaction. `durable=False` commits without waiting for
-        the WAL flush, for writes whose loss in a database crash is harmless because they are
-        fenced or redone (claims, heartbeats, progress); outcomes are always durable."""
+    def _execute(self, query: str, params: dict[str, Any], *, durable: bool = False) -> list[dict[str, Any]]:
+        """Run one statement in its own transaction.
+
+        On a pool made with `async_commit=True` (the worker's) statements commit without waiting
+        for the WAL flush: claims, heartbeats, progress and rescues lost in a database crash are
+        fenced or redone. `durable=True` (a job's outcome, a release) waits for the flush, so a
+        result a frontend has seen never disappears.
+        """
         with self.pool.connection() as conn:
-            if durable:
-                cur = conn.execute(query, params)
-                return cur.fetchall() if cur.description else []
-            with conn.pipeline(), conn.transaction():  # one round trip for SET, statement, COMMIT
-                conn.execute("SET LOCAL synchronous_commit TO off")
+            if durable and self.async_commit:
+                with conn.pipeline(), conn.transaction():  # one round trip for SET, statement, COMMIT
+                    conn.execute("SET LOCAL synchronous_commit TO on")
+                    cur = conn.execute(query, params)
+            else:
                 cur = conn.execute(query, params)
             return cur.fetchall() if cur.description else []
 
@@ -377,7 +383,7 @@ class JobQueue:
             "job_types": list(job_types), "limit": limit, "affine_types": list(affine_types),
             "window": max(window, limit) if affine_types else limit, "aging_seconds": aging_seconds,
             "worker_id": self.worker_id, "lease_seconds": self.lease_seconds,
-        }, durable=False)  # a claim lost in a crash only means the job is claimed again
+        })  # not durable: a claim lost in a crash only means the job is claimed again
         return [Job.model_validate(row) for row in rows]
 
     def next_due(self, job_types: Sequence[str]) -> datetime | None:
@@ -389,8 +395,7 @@ class JobQueue:
         if columns["loaded_models"] is not None:
             columns["loaded_models"] = Jsonb(columns["loaded_models"])
         rows = self._execute(HEARTBEAT, {"worker_id": self.worker_id, "job_ids": list(job_ids),
-                                         "state": state, "lease_seconds": self.lease_seconds, **columns},
-                             durable=False)
+                                         "state": state, "lease_seconds": self.lease_seconds, **columns})
         return Heartbeat(
             held={row["id"] for row in rows},
             cancel_requested={row["id"] for row in rows if row["cancel_requested"]},
@@ -403,7 +408,7 @@ class JobQueue:
             "id": job_id, "worker_id": self.worker_id, "progress": progress, "stage": stage,
             "partial": Jsonb(partial) if partial is not None else None,
             "lease_seconds": self.lease_seconds,
-        }, durable=False)
+        })
         if not rows:
             raise LeaseLost(f"job {job_id} is no longer held by {self.worker_id}")
         return bool(rows[0]["cancel_requested"])
@@ -414,12 +419,12 @@ class JobQueue:
         if not outcomes:
             return {}
         rows = self._execute(FINISH_JOBS, {"worker_id": self.worker_id,
-                                           "outcomes": Jsonb([o.to_json() for o in outcomes])})
+                                           "outcomes": Jsonb([o.to_json() for o in outcomes])}, durable=True)
         return {row["id"]: row["status"] for row in rows}
 
     @_db_retry
     def release(self, job_ids: Iterable[UUID]) -> set[UUID]:
-        rows = self._execute(RELEASE_JOBS, {"worker_id": self.worker_id, "job_ids": list(job_ids)})
+        rows = self._execute(RELEASE_JOBS, {"worker_id": self.worker_id, "job_ids": list(job_ids)}, durable=True)
         return {row["id"] for row in rows}
 
     def rescue_expired(self) -> dict[UUID, str]:
