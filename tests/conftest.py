@@ -111,6 +111,11 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
+def storage(tmp_path: Path) -> LocalStorage:
+    return LocalStorage(tmp_path / "storage")
+
+
+@pytest.fixture
 def queue(database_url: str) -> Iterator[JobQueue]:
     pool = db.make_pool(database_url, 2, name="test-client")
     yield JobQueue(pool)

@@ -100,3 +100,18 @@ def stripes(width: int, height: int, color: tuple[int, int, int]) -> Image.Image
         for y in range(height):
             image.putpixel((x, y), (255 - color[0], 255 - color[1], 255 - color[2]))
     return image
+
+
+class Spy:
+    """Records the calls of an object's method (or a class's __call__), {"args": ..., **kwargs}, and
+    lets them through."""
+
+    def __init__(self, target: Any, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[dict[str, Any]] = []
+        original = getattr(target, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append({"args": args, **kwargs})
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(target, name, wrapper)

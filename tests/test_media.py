@@ -74,11 +74,6 @@ def expect(code: ErrorCode, match: str, fn: Callable[[], Any]) -> JobError:
 # --- storage paths ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def storage(tmp_path: Path) -> LocalStorage:
-    return LocalStorage(tmp_path / "storage")
-
-
 def test_png_from_own_storage_folder(storage: LocalStorage) -> None:
     storage.upload("reference_images", f"{USER}/ref.png", image_bytes(color=(1, 2, 3)), "image/png")
     for source in (f"reference_images/{USER}/ref.png", f"{USER}/ref.png", f"/reference_images/{USER}/ref.png"):

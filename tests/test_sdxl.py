@@ -21,6 +21,7 @@ from tests.conftest import PostgresServer, wait_status
 from tests.diffusion_support import (
     USER,
     Recorder,
+    Spy,
     context,
     expect_error,
     make_job,
@@ -57,25 +58,6 @@ def sdxl(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> S
                           model=str(models["sdxl"]))
     handler.load()
     return handler
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> LocalStorage:
-    return LocalStorage(tmp_path / "storage")
-
-
-class Spy:
-    """Counts calls of a module method (vae.decode...) and keeps their first argument."""
-
-    def __init__(self, target: Any, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls: list[Any] = []
-        original = getattr(target, name)
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            self.calls.append(args[0] if args else None)
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(target, name, wrapper)
 
 
 def run(handler: SdxlHandler, job_types: dict[str, JobType], storage: LocalStorage, payload: dict[str, Any],
@@ -187,7 +169,7 @@ def test_reference_image_runs_img2img_on_the_same_weights(sdxl: SdxlHandler, job
     assert result["reference"]["steps_run"] == 2 == recorder.count("denoising")
     assert len(encoded.calls) == 1  # the reference, scaled and center-cropped to 64x64, is the start
     expected = torch.from_numpy(np.asarray(fit_image(reference, 64, 64), dtype=np.float32) / 127.5 - 1)
-    assert torch.allclose(encoded.calls[0][0].permute(1, 2, 0).float(), expected, atol=1e-5)
+    assert torch.allclose(encoded.calls[0]["args"][0][0].permute(1, 2, 0).float(), expected, atol=1e-5)
 
     style, recorder = run(sdxl, job_types, storage, user_id=USER, payload={
         "prompt": "a cat", "config": {**TINY, "steps": 8, "seed": 3, "image": path,

@@ -22,6 +22,7 @@ from tests.conftest import PostgresServer, wait_status
 from tests.diffusion_support import (
     USER,
     Recorder,
+    Spy,
     context,
     expect_error,
     make_job,
@@ -62,25 +63,6 @@ def wan(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Wa
     handler = make_handler(models, tmp_path_factory.mktemp("wan"))
     handler.load()
     return handler
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> LocalStorage:
-    return LocalStorage(tmp_path / "storage")
-
-
-class Spy:
-    """Records the calls of an object's method (or a class's __call__) and lets them through."""
-
-    def __init__(self, target: Any, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls: list[dict[str, Any]] = []
-        original = getattr(target, name)
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            self.calls.append({"args": args, **kwargs})
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(target, name, wrapper)
 
 
 def run(handler: WanHandler, job_types: dict[str, JobType], storage: LocalStorage, payload: dict[str, Any],
