@@ -55,6 +55,27 @@ class JobError(Exception):
         return {"code": str(self.code), "message": self.message, "retryable": self.retryable}
 
 
+class WorkerFault(Exception):
+    """The worker's own fault, not the job's: storage credentials refused, a model that cannot load
+    here, a missing or broken device, a full disk.
+
+    The job goes back to the queue without spending an attempt (the entry still goes into its
+    `errors`), and the worker stops claiming what `scope` covers until a recovery check passes:
+    `scope` is "storage" (every job that publishes), "handler:<name>" (that handler's job types),
+    "device" or "disk" (everything).
+    """
+
+    def __init__(self, code: ErrorCode | str, message: str, *, scope: str) -> None:
+        super().__init__(message)
+        self.code = str(code)
+        self.message = message
+        self.scope = scope
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "retryable": True, "worker_fault": True,
+                "scope": self.scope}
+
+
 def invalid_input(err: ValidationError) -> JobError:
     problems = "; ".join(
         f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in err.errors()[:5]
