@@ -177,6 +177,89 @@ class Settings(BaseSettings):
         description="Accept reference URLs on loopback/private addresses (tests and local development only).",
     )
 
+    # -- what a job may hold, and the worker's own faults --
+    prepare_slots: int = Field(
+        default=2, ge=0, le=64,
+        description="Jobs claimed on top of --concurrency while they validate and fetch their references "
+                    "(holding no model): a slow reference URL delays only its own job.",
+    )
+    timeout_grace: float = Field(
+        default=30.0, ge=0,
+        description="Seconds a job past its type's run-time limit (job_types.max_run_seconds) gets to stop; "
+                    "past it the job is given back and the worker exits to be restarted.",
+    )
+    hang_watchdog: bool = Field(
+        default=False,
+        description="Exit the process when the lease keeper stops beating for hang_exit_seconds (C code holding "
+                    "the GIL). `ourvidz-worker run` turns it on.",
+    )
+    hang_exit_seconds: float = Field(
+        default=300.0, gt=0, description="How long the lease keeper may go without a beat before the watchdog exits."
+    )
+    fault_retry_seconds: float = Field(
+        default=5.0, gt=0,
+        description="After a fault of the worker's own (storage key refused, model that cannot load), seconds "
+                    "before it tries that work again; doubles per repeat.",
+    )
+    fault_retry_max_seconds: float = Field(default=300.0, gt=0, description="Cap of fault_retry_seconds' backoff.")
+
+    # Every connection (pool, LISTEN, CLI): a dead peer is noticed in bounded time, not never.
+    db_connect_timeout: int = Field(
+        default=10, ge=2, le=600, description="Seconds to wait for a database connection (libpq's minimum is 2)."
+    )
+    db_statement_timeout: float = Field(
+        default=30.0, ge=0,
+        description="Server-side limit on each statement of the worker's and the CLI's pools, in seconds (0: none). "
+                    "Not set behind a transaction pooler (OURVIDZ_PREPARE_STATEMENTS=false), where a session "
+                    "setting would leak to other clients; migrations run without it.",
+    )
+    db_reply_timeout: float = Field(
+        default=45.0, gt=0,
+        description="Seconds a pool connection waits for any reply before it is dropped as dead: a partition behind "
+                    "a proxy or pooler that keeps the TCP connection open. Longer than db_statement_timeout.",
+    )
+    db_keepalives_idle: int = Field(default=30, ge=1, description="Seconds of silence before TCP keepalive probes.")
+    db_keepalives_interval: int = Field(default=10, ge=1, description="Seconds between TCP keepalive probes.")
+    db_keepalives_count: int = Field(
+        default=3, ge=1,
+        description="Unanswered keepalive probes after which a connection is dead (30 + 3 x 10 = 60 s by default).",
+    )
+
+    # -- watching a job form: live previews of SDXL/WAN latents (docs/previews.md) --
+    preview_enabled: bool = Field(
+        default=True, description="Publish a small preview image of an SDXL/WAN job's latents while it denoises."
+    )
+    preview_every_steps: int = Field(default=5, ge=1, description="A preview at most every this many steps.")
+    preview_min_seconds: float = Field(
+        default=2.0, ge=0, description="And at most one preview per this many seconds of a job."
+    )
+    preview_keep: bool = Field(
+        default=False,
+        description="Keep the last preview object (and the row's `preview`) of a completed job; canceled and "
+                    "failed jobs never keep theirs.",
+    )
+    preview_format: Literal["png", "webp", "jpeg"] = Field(
+        default="png",
+        description="Preview image format. webp/jpeg are smaller, but the job types' buckets must allow "
+                    "image/webp or image/jpeg (the migrations' buckets allow image/png).",
+    )
+    preview_max_side: int = Field(
+        default=512, ge=16, le=4096, description="Largest side of a preview image in pixels (it is scaled down)."
+    )
+    preview_frames: int = Field(
+        default=4, ge=1, le=16, description="Frames of a video shown side by side in its preview."
+    )
+    preview_sdxl_decoder: str | None = Field(
+        default=None,
+        description="Local folder of a tiny SDXL decoder (diffusers AutoencoderTiny, e.g. taesdxl) for sharper "
+                    "previews. Unset: a fixed linear latent-to-RGB map (no weights).",
+    )
+    preview_wan_decoder: str | None = Field(
+        default=None,
+        description="Local folder of an AutoencoderTiny with 16 latent channels trained on Wan 2.1 latents, applied "
+                    "per latent frame. Unset: a fixed linear latent-to-RGB map (no weights).",
+    )
+
     @field_validator("queues", "storage_public_buckets", mode="before")
     @classmethod
     def comma_separated(cls, value: Any) -> Any:

@@ -5,13 +5,23 @@ Error codes and ranges come from the seed documents of the system this replaces.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal, Self, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 PayloadT = TypeVar("PayloadT", bound=BaseModel)
 
@@ -83,6 +93,11 @@ def invalid_input(err: ValidationError) -> JobError:
     return JobError(ErrorCode.INVALID_INPUT, f"invalid payload: {problems}")
 
 
+def _int_text(text: str) -> int | str:
+    text = text.strip()
+    return int(text) if text.isdigit() and len(text) <= 6 else text
+
+
 CONFIG_ALIASES = {"sample_steps": "steps", "sample_guide_scale": "guidance_scale"}
 
 
@@ -92,8 +107,8 @@ def resolve_config_aliases(config: Mapping[str, Any]) -> dict[str, Any]:
     size = out.pop("size", None)
     if isinstance(size, str) and "*" in size:
         width, _, height = size.partition("*")
-        out.setdefault("width", width.strip())
-        out.setdefault("height", height.strip())
+        out.setdefault("width", _int_text(width))
+        out.setdefault("height", _int_text(height))
     elif size is not None:
         out["size"] = size
     for alias, name in CONFIG_ALIASES.items():
@@ -113,6 +128,8 @@ class JobType(BaseModel):
     bucket: str | None = None
     defaults: dict[str, Any] = Field(default_factory=dict)
     expected_seconds: int | None = None
+    max_run_seconds: int | None = None
+    limits: dict[str, Any] = Field(default_factory=dict)
     max_attempts: int = 3
     enabled: bool = True
 
@@ -124,7 +141,7 @@ class Job(BaseModel):
     user_id: UUID | None
     job_type: str
     queue: str
-    payload: dict[str, Any]
+    payload: Any  # whatever the row holds: a payload that is not an object fails the job alone, in parse()
     priority: int
     attempts: int
     max_attempts: int
@@ -138,37 +155,144 @@ class Job(BaseModel):
     def config(self) -> dict[str, Any]:
         """The job type's defaults overridden by the payload's `config` (seed 002 shape)."""
         defaults = self.type_info.defaults if self.type_info else {}
-        config = self.payload.get("config")
         # each layer's aliases resolved on its own, so a payload's `size` beats a preset's width
-        return {**resolve_config_aliases(defaults),
-                **resolve_config_aliases(config if isinstance(config, dict) else {})}
+        return {**resolve_config_aliases(defaults), **resolve_config_aliases(self.section("config"))}
 
-    def parse(self, model: type[PayloadT]) -> PayloadT:
-        """Validate the payload (with the type's defaults) into `model`, or raise INVALID_INPUT."""
+    @property
+    def limits(self) -> dict[str, Any]:
+        """The accepted range of each user-set field, from the job type's row (operator data)."""
+        return self.type_info.limits if self.type_info else {}
+
+    def payload_object(self) -> dict[str, Any]:
+        """The payload, or INVALID_INPUT naming what it is instead of a JSON object."""
+        payload = self.payload
+        if isinstance(payload, UnreadableJson):
+            raise JobError(ErrorCode.INVALID_INPUT, f"payload could not be read: {payload.reason}")
+        if not isinstance(payload, dict):
+            raise JobError(ErrorCode.INVALID_INPUT, f"payload must be a JSON object, not {json_kind(payload)}")
+        return payload
+
+    def section(self, name: str) -> dict[str, Any]:
+        """An object-valued payload field (`config`, `metadata`): absent is empty, anything else is refused."""
+        value = self.payload_object().get(name)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise JobError(ErrorCode.INVALID_INPUT,
+                           f"invalid payload: {name}: must be a JSON object, not {json_kind(value)}")
+        return value
+
+    def parse(self, model: type[PayloadT], config: dict[str, Any] | None = None) -> PayloadT:
+        """Validate the payload (with the type's defaults, or the given layered `config`) into `model`
+        within the type's limits, or raise INVALID_INPUT."""
+        data = {**self.payload_object(), "config": self.config if config is None else config}
         try:
-            return model.model_validate({**self.payload, "config": self.config})
+            return model.model_validate(data, context={"limits": self.limits})
         except ValidationError as err:
             raise invalid_input(err) from None
+
+
+# --- rows that cannot be read -------------------------------------------------------------
+
+
+class UnreadableJson:
+    """A JSON value Python cannot load (a number of 4,401 digits, nesting past the recursion limit):
+    the row still loads, and its job fails alone with INVALID_INPUT naming the problem."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"UnreadableJson({self.reason!r})"
+
+
+def load_json_leniently(data: str | bytes) -> Any:
+    """json.loads for rows users wrote: never raises, so one poison row cannot fail a whole claim."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as err:
+        return UnreadableJson(f"{type(err).__name__}: {str(err)[:200]}")
+
+
+def json_kind(value: Any) -> str:
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    if isinstance(value, UnreadableJson):
+        return "unreadable JSON"
+    return next((name for t, name in kinds.items() if isinstance(value, t)),
+                "a number" if isinstance(value, int | float) else type(value).__name__)
+
+
+# --- limits: data on job_types, enforced while parsing ---------------------------------------
+#
+# job_types.limits maps a field name (top-level payload field or config field) to its accepted
+# range: {"min": a, "max": b} for numbers, {"in": [...]} for a fixed set, {"max_length": n} for
+# texts and lists. The payload models below keep the absolute bounds of the code; the row narrows
+# them, so an operator changes a range with an UPDATE, and frontends read it from job_types.
+
+
+def check_limits(values: dict[str, Any], limits: dict[str, Any]) -> list[str]:
+    """The problems of `values` (field -> value) against `limits`; empty when every field is within."""
+    problems = []
+    for name, spec in limits.items():
+        value = values.get(name)
+        if value is None or not isinstance(spec, dict):
+            continue
+        if "in" in spec and value not in spec["in"]:
+            problems.append(f"{name}: must be one of {', '.join(map(str, spec['in']))} (got {value!r})")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            low, high = spec.get("min"), spec.get("max")
+            if (low is not None and value < low) or (high is not None and value > high):
+                problems.append(f"{name}: must be between {low} and {high} (got {value})")
+        length = spec.get("max_length")
+        if length is not None and isinstance(value, str | list | dict) and len(value) > length:
+            problems.append(f"{name}: at most {length} {'characters' if isinstance(value, str) else 'items'} "
+                            f"(got {len(value)})")
+    return problems
+
+
+Int = Annotated[int, Strict()]  # a JSON number without a fraction: never a bool or a string
+Float = Annotated[float, Strict()]  # any JSON number: never a bool or a string
 
 
 # --- payloads (seeds 000-004) --------------------------------------------------------------
 
 PROMPT_MAX_CHARS = 1000  # seed 001: "Prompt too long" above 1000 characters
 CHAT_MAX_CHARS = 32_000
+REFERENCE_METADATA_KEYS = ("reference_image_url", "start_reference_url", "end_reference_url")
 
 
 class Payload(BaseModel):
     model_config = ConfigDict(extra="allow")
     metadata: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("metadata")
+    @classmethod
+    def reference_urls_are_text(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        for key in REFERENCE_METADATA_KEYS:
+            if metadata.get(key) is not None and not isinstance(metadata[key], str):
+                raise ValueError(f"{key} must be a string (a URL or a storage path)")
+        return metadata
+
+    @model_validator(mode="after")
+    def within_limits(self, info: ValidationInfo) -> Self:
+        limits = (info.context or {}).get("limits") or {}
+        if not limits:
+            return self
+        config = getattr(self, "config", None)
+        values = {**(config.model_dump() if isinstance(config, BaseModel) else {}),
+                  **{k: v for k, v in self.model_dump(exclude={"config"}).items() if v is not None}}
+        if problems := check_limits(values, limits):
+            raise ValueError("; ".join(problems))
+        return self
+
 
 class _Generation(BaseModel):
     model_config = ConfigDict(extra="allow")
-    width: int = Field(ge=256, le=1024)
-    height: int = Field(ge=256, le=1024)
-    steps: int = Field(ge=10, le=50)
-    guidance_scale: float = Field(ge=1.0, le=20.0)
-    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    width: Int = Field(ge=256, le=1024)
+    height: Int = Field(ge=256, le=1024)
+    steps: Int = Field(ge=10, le=50)
+    guidance_scale: Float = Field(ge=1.0, le=20.0)
+    seed: Int | None = Field(default=None, ge=0, le=2**32 - 1)
 
     @model_validator(mode="before")
     @classmethod
@@ -188,7 +312,7 @@ class ImageConfig(_Generation):
     negative_prompt: str | None = Field(default=None, max_length=PROMPT_MAX_CHARS)
     # Seed 002 sends these in `metadata`; the SDXL handler reads them from there too.
     reference_type: Literal["style", "composition", "character"] = "style"
-    reference_strength: float = Field(default=0.5, ge=0.1, le=1.0)
+    reference_strength: Float = Field(default=0.5, ge=0.1, le=1.0)
 
 
 class ImagePayload(Payload):
@@ -198,15 +322,15 @@ class ImagePayload(Payload):
 
 
 class VideoConfig(_Generation):
-    height: int = Field(ge=256, le=1280)
-    width: int = Field(ge=256, le=1280)
-    frame_num: int = Field(ge=1, le=121)
-    fps: int = Field(default=16, ge=6, le=30)
-    enhance_prompt: bool = False
+    height: Int = Field(ge=256, le=1280)
+    width: Int = Field(ge=256, le=1280)
+    frame_num: Int = Field(ge=1, le=121)
+    fps: Int = Field(default=16, ge=6, le=30)
+    enhance_prompt: Annotated[bool, Strict()] = False
     enhance_system_prompt: str | None = Field(default=None, max_length=CHAT_MAX_CHARS)
     negative_prompt: str | None = Field(default=None, max_length=PROMPT_MAX_CHARS)
     sample_solver: Literal["unipc", "dpm++"] = "unipc"
-    sample_shift: float = Field(default=5.0, ge=1.0, le=20.0)
+    sample_shift: Float = Field(default=5.0, ge=1.0, le=20.0)
     image: str | None = None
     first_frame: str | None = None
     last_frame: str | None = None
@@ -245,12 +369,12 @@ class ChatConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="allow")
-    max_tokens: int = Field(ge=1, le=2048)
-    min_tokens: int = Field(default=0, ge=0, le=2048, description="end-of-turn is suppressed before this many")
-    temperature: float = Field(ge=0.0, le=1.0)
-    top_p: float = Field(ge=0.1, le=1.0)
-    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
-    history_limit: int | None = Field(default=None, ge=0, le=500)
+    max_tokens: Int = Field(ge=1, le=2048)
+    min_tokens: Int = Field(default=0, ge=0, le=2048, description="end-of-turn is suppressed before this many")
+    temperature: Float = Field(ge=0.0, le=1.0)
+    top_p: Float = Field(ge=0.1, le=1.0)
+    seed: Int | None = Field(default=None, ge=0, le=2**32 - 1)
+    history_limit: Int | None = Field(default=None, ge=0, le=500)
     system_prompt: str | None = Field(default=None, max_length=CHAT_MAX_CHARS)
     target: Literal["sdxl", "wan"] | None = None  # chat_enhance: the model the prompt is for
     system_prompts: dict[str, str] = Field(default_factory=dict)  # chat_enhance: default per target
@@ -302,10 +426,10 @@ class ChatPayload(Payload):
 
 class SimulateConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
-    steps: int = Field(ge=1, le=10_000)
-    step_seconds: float = Field(ge=0, le=60)
+    steps: Int = Field(ge=1, le=10_000)
+    step_seconds: Float = Field(ge=0, le=60)
     fail_code: ErrorCode | None = None
-    fail_attempts: int = Field(default=0, ge=0, description="fail this many attempts, then succeed")
+    fail_attempts: Int = Field(default=0, ge=0, description="fail this many attempts, then succeed")
 
 
 class SimulatePayload(Payload):

@@ -18,9 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from queue import SimpleQueue
 from types import FrameType
 from typing import Any
 from uuid import UUID
@@ -37,9 +35,10 @@ from worker.handlers.base import (
     JobLeaseLost,
     WorkerStopping,
 )
-from worker.jobs import ErrorCode, Job, JobError, JobType, classify
+from worker.jobs import ErrorCode, Job, JobError, JobType, WorkerFault, classify
 from worker.memory import MemoryManager, is_oom
-from worker.queue import JobQueue, Outcome, WorkerMemory
+from worker.queue import JobQueue, Outcome, WorkerIdInUse, WorkerMemory
+from worker.running import Faults, HangWatchdog, JobRunners, JobTimedOut, Running, WorkerStats, job_log_fields
 from worker.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -48,41 +47,6 @@ VERSION = "0.1.0"
 CHANNEL_JOBS = "ourvidz_jobs"
 CHANNEL_CANCEL = "ourvidz_cancel"
 CHANNEL_TYPES = "ourvidz_types"
-
-
-@dataclass
-class Running:
-    job: Job
-    ctx: JobContext
-    started: float = field(default_factory=time.monotonic)
-
-
-class JobRunners:
-    """Daemon threads that run claimed jobs, started once and reused: starting a thread per job
-    costs more than a short job itself. Daemon, so a hung handler never blocks the exit."""
-
-    def __init__(self, size: int) -> None:
-        self._tasks: SimpleQueue[Callable[[], None]] = SimpleQueue()
-        for index in range(size):
-            threading.Thread(target=self._work, name=f"job-runner-{index}", daemon=True).start()
-
-    def submit(self, task: Callable[[], None]) -> None:
-        self._tasks.put(task)
-
-    def _work(self) -> None:
-        while True:
-            self._tasks.get()()
-
-
-@dataclass
-class WorkerStats:
-    claimed: int = 0
-    completed: int = 0
-    failed: int = 0
-    retried: int = 0
-    canceled: int = 0
-    lost: int = 0
-    released: int = 0
 
 
 class Worker:
@@ -119,6 +83,13 @@ class Worker:
         self._running: dict[UUID, Running] = {}
         self._running_lock = threading.Lock()
         self._runners = JobRunners(settings.concurrency)
+        # Validation and reference fetches run here, holding no model and no job slot, so one user's
+        # slow URL delays only that user's job; up to prepare_slots such jobs are claimed on top.
+        self._preparers = JobRunners(settings.concurrency + settings.prepare_slots, "job-preparer")
+        self._faults = Faults(settings.fault_retry_seconds, settings.fault_retry_max_seconds)
+        self._watchdog = HangWatchdog(settings.hang_exit_seconds if settings.hang_watchdog else 0)
+        self._connected_since: float | None = None  # the lease keeper's view of the database
+        self.exit_reason: str | None = None  # set when the worker stops itself (a handler that would not stop)
         self._run_locks: dict[str, threading.Lock] = {}
         self.memory = MemoryManager(settings, handlers)  # loads, pins and evicts the handlers' models
         self._served: dict[str, JobType] = {}
@@ -130,14 +101,30 @@ class Worker:
 
     # -- public -------------------------------------------------------------------------
 
+    @property
+    def faults(self) -> dict[str, str]:
+        """The worker's own faults now, scope -> reason (empty when it can serve everything)."""
+        return self._faults.reasons()
+
+    def add_faults(self, reasons: dict[str, str]) -> None:
+        """Faults found before the first claim (the preflight): those scopes start closed."""
+        self._faults.seed(reasons)
+
     def run(self, install_signals: bool = True) -> WorkerStats:
         if install_signals:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
         self._refresh_served_types()
-        self.queue.register_worker(socket.gethostname(), os.getpid(), self.settings.queues,
-                                   sorted(self._served), VERSION)
+        try:
+            self.queue.register_worker(socket.gethostname(), os.getpid(), self.settings.queues,
+                                       sorted(self._served), VERSION,
+                                       live_seconds=max(self.settings.lease_seconds, 1.0))
+        except WorkerIdInUse:
+            self.pool.close()
+            raise
         self.last_beat_at = time.monotonic()  # registering beat the workers row
+        self._connected_since = time.monotonic()
+        self._watchdog.arm()
         helpers = [threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True)]
         if self.settings.listen:
             helpers.append(threading.Thread(target=self._listen, name="listener", daemon=True))
@@ -153,6 +140,7 @@ class Worker:
             for thread in helpers:
                 thread.join(timeout=5)
             self._set_state("stopped")  # after the lease keeper is gone, so no late beat overwrites it
+            self._watchdog.disarm()
             self.pool.close()
         return self.stats
 
@@ -179,13 +167,14 @@ class Worker:
             now = time.monotonic()
             if now >= next_poll:
                 more_maybe = True
-            free = self.settings.concurrency - len(self._running)
+            free = self._free_slots()
             if self.max_jobs is not None:
                 free = min(free, self.max_jobs - self.stats.claimed)
-            if free > 0 and more_maybe and self._served:
+            claimable = self._claimable_types()
+            if free > 0 and more_maybe and claimable:
                 self._notified.clear()  # anything notified from here on may be missed by this claim
                 try:
-                    jobs = self.queue.claim(list(self._served), free, affine_types=self._affine_types(),
+                    jobs = self.queue.claim(claimable, free, affine_types=self._affine_types(),
                                             window=self.settings.affinity_window,
                                             aging_seconds=self.settings.affinity_max_wait)
                 except db.TRANSIENT_DB_ERRORS as err:
@@ -200,11 +189,25 @@ class Worker:
                     continue
             if self._finished:
                 continue
-            timeout = max(0.0, next_poll - time.monotonic()) if free > 0 else 1.0
+            timeout = max(0.0, next_poll - time.monotonic()) if free > 0 and claimable else 1.0
             self._wake.wait(timeout)
             self._wake.clear()
             if self._notified.is_set():
                 more_maybe = True
+
+    def _free_slots(self) -> int:
+        """Job slots free now: jobs still fetching their references hold none (up to prepare_slots)."""
+        with self._running_lock:
+            preparing = sum(1 for r in self._running.values() if r.preparing)
+            claimed = len(self._running)
+        return self.settings.concurrency - claimed + min(preparing, self.settings.prepare_slots)
+
+    def _claimable_types(self) -> list[str]:
+        """The served types no fault of this worker's own (storage, a model, the device) blocks."""
+        return [name for name, t in self._served.items() if not self._faults.blocks(t, self._uses_storage(t))]
+
+    def _uses_storage(self, job_type: JobType) -> bool:
+        return getattr(self.handlers.get(job_type.handler), "uses_storage", True)
 
     def _affine_types(self) -> list[str]:
         """Job types whose model is resident here: the claim prefers them (fewer model swaps)."""
@@ -223,7 +226,7 @@ class Worker:
             self.settings.poll_interval if self._listening.is_set() else self.settings.fallback_poll_interval
         )
         try:
-            due = self.queue.next_due(list(self._served))
+            due = self.queue.next_due(self._claimable_types())
         except db.TRANSIENT_DB_ERRORS:
             return min(interval, 1.0)
         if due is not None:
@@ -256,11 +259,47 @@ class Worker:
     def _start(self, jobs: list[Job]) -> None:
         ctxs = [JobContext(job, self.storage, self._progress_writer(job.id), self.settings.progress_interval)
                 for job in jobs]
+        single = len(jobs) == 1
         with self._running_lock:
             for job, ctx in zip(jobs, ctxs, strict=True):
-                self._running[job.id] = Running(job, ctx)
+                self._running[job.id] = Running(job, ctx, preparing=single)
         self.stats.claimed += len(jobs)
-        self._runners.submit(lambda: self._run_jobs(jobs, ctxs))
+        for job in jobs:
+            log.info("job %s claimed: %s, attempt %d of %d", job.id, job.job_type, job.attempts, job.max_attempts,
+                     extra=job_log_fields(job, self.id))
+        if single:
+            self._preparers.submit(lambda: self._prepare_then_run(jobs, ctxs))
+        else:
+            self._runners.submit(lambda: self._run_jobs(jobs, ctxs))
+
+    def _prepare_then_run(self, jobs: list[Job], ctxs: list[JobContext]) -> None:
+        ready = self._prepare(jobs, ctxs)
+        with self._running_lock:
+            for job in jobs:
+                if job.id in self._running:
+                    self._running[job.id].preparing = False
+        self._wake.set()  # the slot it held while preparing counts again
+        if ready:
+            self._runners.submit(lambda: self._run_jobs(*ready))
+
+    def _prepare(self, jobs: list[Job], ctxs: list[JobContext]) -> tuple[list[Job], list[JobContext]] | None:
+        """Validate each job (and fetch its references, for handlers that have a `prepare`) before any
+        model work; a job that fails here finishes alone, the others go on together."""
+        info = jobs[0].type_info
+        handler = self.handlers.get(info.handler) if info else None
+        prepare = getattr(handler, "prepare", None)
+        ready: tuple[list[Job], list[JobContext]] = ([], [])
+        for job, ctx in zip(jobs, ctxs, strict=True):
+            try:
+                job.payload_object()
+                if callable(prepare):
+                    prepare(job, ctx)
+            except BaseException as exc:
+                self._settle(job, ctx, exc)
+                continue
+            ready[0].append(job)
+            ready[1].append(ctx)
+        return ready if ready[0] else None
 
     def _progress_writer(self, job_id: UUID) -> Any:
         def write(progress: int, stage: str | None, partial: dict[str, Any] | None) -> bool:
@@ -273,18 +312,28 @@ class Worker:
         return write
 
     def _run_jobs(self, jobs: list[Job], ctxs: list[JobContext]) -> None:
+        if len(jobs) > 1:  # a batch is validated here, by its runner thread, still before its model loads
+            batch = self._prepare(jobs, ctxs)
+            if batch is None:
+                return
+            jobs, ctxs = batch
         try:
             values = self._call_handler(jobs, ctxs)
         except BaseException as exc:
             values = [exc] * len(jobs)
         for job, ctx, value in zip(jobs, ctxs, values, strict=True):
-            outcome = self._outcome(job, ctx, value)
-            ctx.cleanup()
-            if outcome is not None:
-                self._finished.append(outcome)
-            else:
-                with self._running_lock:
-                    self._running.pop(job.id, None)
+            self._settle(job, ctx, value)
+
+    def _settle(self, job: Job, ctx: JobContext, value: Any) -> None:
+        """Turn one job's result or exception into the outcome the main loop writes."""
+        outcome = self._outcome(job, ctx, value)
+        ctx.cleanup()
+        if outcome is not None:
+            self._log_outcome(job, outcome)
+            self._finished.append(outcome)
+        else:
+            with self._running_lock:
+                self._running.pop(job.id, None)
         self._wake.set()
 
     def _call_handler(self, jobs: list[Job], ctxs: list[JobContext]) -> list[Any]:
@@ -321,6 +370,7 @@ class Worker:
         )
         try:
             with self.memory.use(name, on_load=lambda: ctxs[0].progress(0.0, "loading model")), lock:
+                self._mark_run_started(jobs)
                 if len(jobs) == 1:
                     return [handler.run(jobs[0], ctxs[0])]
                 values = list(handler.run_batch(jobs, ctxs))  # type: ignore[attr-defined]
@@ -330,6 +380,13 @@ class Worker:
             error = JobError(ErrorCode.GENERATION_FAILED, f"{name} returned {len(values)} results for {len(jobs)} jobs")
             return [error] * len(jobs)
         return values
+
+    def _mark_run_started(self, jobs: list[Job]) -> None:
+        now = time.monotonic()
+        with self._running_lock:
+            for job in jobs:
+                if job.id in self._running:
+                    self._running[job.id].run_started = now
 
     def _outcome(self, job: Job, ctx: JobContext, value: Any) -> Outcome | None:
         """What to write for one job, from its handler's result or exception (None: not ours to write)."""
@@ -345,10 +402,50 @@ class Worker:
             return Outcome(job.id, "completed", result=value)
         except JobCanceled:
             return Outcome(job.id, "canceled")
+        except JobTimedOut:
+            limit = self._time_limit(job)
+            return self._failure(job, JobError(ErrorCode.TIMEOUT_ERROR, f"{job.job_type} jobs may run for "
+                                               f"{limit:.0f}s; this one was stopped at its limit"))
         except JobInterrupted:
             return None  # lease lost (another worker holds it) or shutdown (we release it)
+        except WorkerFault as fault:
+            return self._give_back(job, fault)
         except BaseException as exc:
-            return self._failure(job, classify(exc))
+            error = classify(exc)
+            if error is not exc and error.code == ErrorCode.GENERATION_FAILED:  # a bug, not a known failure
+                log.error("job %s: %s raised", job.id, job.job_type, exc_info=exc, extra=job_log_fields(job, self.id))
+            return self._failure(job, error)
+
+    def _log_outcome(self, job: Job, outcome: Outcome) -> None:
+        with self._running_lock:
+            entry = self._running.get(job.id)
+        seconds = time.monotonic() - entry.started if entry else 0.0
+        fields = {**job_log_fields(job, self.id), "outcome": outcome.status, "seconds": round(seconds, 3)}
+        if outcome.status == "completed" or outcome.status == "canceled":
+            log.info("job %s %s in %.2fs", job.id, outcome.status, seconds, extra=fields)
+            return
+        error = outcome.error or {}
+        fields["code"] = error.get("code")
+        if outcome.refund:
+            return  # _give_back said why
+        if outcome.status == "queued":
+            log.warning("job %s failed attempt %d after %.2fs, retrying in %.1fs: %s %s", job.id, job.attempts,
+                        seconds, outcome.retry_delay, error.get("code"), error.get("message"), extra=fields)
+        else:
+            log.warning("job %s failed after %.2fs: %s %s", job.id, seconds, error.get("code"), error.get("message"),
+                        extra=fields)
+
+    def _give_back(self, job: Job, fault: WorkerFault) -> Outcome:
+        """The worker's own fault: the job goes back to its place in the queue with its attempt refunded,
+        and this worker stops claiming what the fault covers until a retry finds it fixed."""
+        entry = self._faults.record(fault)
+        log.error("job %s: not this job's fault (%s: %s); giving it back and not claiming %s work for %.0fs",
+                  job.id, fault.code, fault.message, fault.scope, entry.delay, extra=job_log_fields(job, self.id))
+        return Outcome(job.id, "queued", error=fault.to_json(), refund=True)
+
+    def _time_limit(self, job: Job) -> float | None:
+        info = job.type_info
+        return float(info.max_run_seconds) if info and info.max_run_seconds else None
 
     def _failure(self, job: Job, error: JobError) -> Outcome:
         if error.retryable and job.attempts < job.max_attempts:
@@ -420,28 +517,87 @@ class Worker:
             self._beat_requested.clear()
             if self._done.is_set():
                 break
+            self._watchdog.arm()  # re-armed each beat: only a keeper that stops beating lets it fire
+            self._enforce_time_limits()
+            self._probe_faults()
             with self._running_lock:
                 running = list(self._running.values())
             try:
                 for entry in running:
                     entry.ctx.flush()
                 state = "draining" if self._stop.is_set() else ("busy" if running else "idle")
-                beat = self.queue.heartbeat([r.job.id for r in running], state, self._memory_report())
+                beat = self.queue.heartbeat([r.job.id for r in running], state, self._memory_report(), self.faults)
                 self.last_beat_at = time.monotonic()
+                self._connected_since = self._connected_since or self.last_beat_at
                 for entry in running:
                     if entry.job.id in beat.cancel_requested:
                         entry.ctx.interrupt(JobCanceled)
                     elif entry.job.id not in beat.held:
                         entry.ctx.interrupt(JobLeaseLost)
-                if time.monotonic() >= next_rescue:
+                if time.monotonic() >= next_rescue and self._may_rescue():
                     next_rescue = time.monotonic() + rescue_every
                     rescued = self.queue.rescue_expired()
                     if rescued:
                         log.info("rescued %d jobs with expired leases: %s", len(rescued), rescued)
             except db.TRANSIENT_DB_ERRORS as err:
+                self._connected_since = None
                 log.warning("heartbeat failed: %s", err)
             except Exception:
                 log.exception("lease keeper error")
+
+    def _may_rescue(self) -> bool:
+        """Rescue only after a full lease of working connections: when the database comes back from
+        an outage, every live worker gets one lease to renew what it holds before anyone rescues it."""
+        since = self._connected_since
+        return since is not None and time.monotonic() - since >= self.settings.lease_seconds
+
+    def _enforce_time_limits(self) -> None:
+        """Stop jobs past their type's run-time limit; a job that does not stop within the grace is given
+        back (TIMEOUT_ERROR) and this worker stops itself, so its supervisor restarts it and the GPU is freed."""
+        now = time.monotonic()
+        with self._running_lock:
+            running = list(self._running.values())
+        for entry in running:
+            limit = self._time_limit(entry.job)
+            if entry.overdue(now, limit):
+                entry.timed_out_at = now
+                log.warning("job %s: past its %ss limit; stopping it", entry.job.id, limit,
+                            extra=job_log_fields(entry.job, self.id))
+                entry.ctx.interrupt(JobTimedOut)
+            elif entry.timed_out_at is not None and now - entry.timed_out_at > self.settings.timeout_grace:
+                self._abandon(entry)
+
+    def _abandon(self, entry: Running) -> None:
+        job = entry.job
+        with self._running_lock:
+            if self._running.get(job.id) is not entry:
+                return
+        self.exit_reason = (f"job {job.id} ({job.job_type}) did not stop within {self.settings.timeout_grace:.0f}s "
+                            f"of its time limit; exiting so this worker is restarted")
+        log.error("%s", self.exit_reason, extra=job_log_fields(job, self.id))
+        entry.ctx.interrupt(JobLeaseLost)  # whatever it returns later is not written
+        outcome = self._failure(job, JobError(ErrorCode.TIMEOUT_ERROR, f"{job.job_type} job did not stop at its "
+                                              f"run-time limit; its worker was restarted"))
+        self._finished.append(outcome)
+        self.stop(abort=True)
+
+    def _probe_faults(self) -> None:
+        """Scopes whose backoff ran out: storage is probed first; a model or device is retried by the next job."""
+        for scope in self._faults.due():
+            check = getattr(self.storage, "check", None) if scope == "storage" else None
+            if callable(check):
+                try:
+                    check()
+                except WorkerFault as fault:
+                    self._faults.record(fault)
+                    continue
+                except Exception as err:
+                    self._faults.record(WorkerFault(ErrorCode.STORAGE_ERROR, f"storage check failed: {err}",
+                                                    scope=scope))
+                    continue
+            self._faults.clear(scope)
+            log.info("retrying %s work after an earlier fault of this worker's own", scope)
+            self._notify_claimable()
 
     def beat_now(self, timeout: float = 2.0) -> None:
         """Heartbeat at once (the workers row shows the current state) and wait for it."""

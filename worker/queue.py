@@ -7,13 +7,14 @@ zero rows updated means the lease was lost, and the worker stops touching that j
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, ParamSpec, TypedDict, TypeVar
 from uuid import UUID
 
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import ConnectionPool
 from tenacity import (
     retry,
@@ -23,7 +24,11 @@ from tenacity import (
 )
 
 from worker.db import TRANSIENT_DB_ERRORS, Connection
-from worker.jobs import Job, JobType
+from worker.jobs import Job, JobType, load_json_leniently
+
+# Rows hold what users wrote: a JSON value Python cannot load (a 4,401-digit number) must fail its
+# own job, not the claim that returned it with others.
+set_json_loads(load_json_leniently)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +95,8 @@ WITH beat AS (
         vram_total_mb = coalesce(%(vram_total_mb)s::integer, vram_total_mb),
         memory_used_mb = coalesce(%(memory_used_mb)s::integer, memory_used_mb),
         memory_budget_mb = coalesce(%(memory_budget_mb)s::integer, memory_budget_mb),
-        memory_pressure = coalesce(%(memory_pressure)s::text, memory_pressure)
+        memory_pressure = coalesce(%(memory_pressure)s::text, memory_pressure),
+        faults = %(faults)s::jsonb
     WHERE id = %(worker_id)s AND state <> 'stopped'
 )
 UPDATE public.jobs
@@ -122,28 +128,32 @@ SET status = o.status::public.job_status,
              END,
     progress = CASE WHEN o.status = 'completed' THEN 100
                     WHEN o.status = 'queued' THEN 0 ELSE j.progress END,
-    stage = o.status,
-    run_at = CASE WHEN o.status = 'queued' THEN now() + make_interval(secs => o.retry_delay)
+    stage = CASE WHEN o.refund THEN 'returned' ELSE o.status END,
+    -- a job given back for the worker's own fault keeps its place and its attempt
+    attempts = CASE WHEN o.refund THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
+    run_at = CASE WHEN o.status = 'queued' AND NOT o.refund THEN now() + make_interval(secs => o.retry_delay)
                   ELSE j.run_at END,
     worker_id = CASE WHEN o.status = 'queued' THEN NULL ELSE j.worker_id END,
     lease_expires_at = NULL,
     finished_at = CASE WHEN o.status = 'queued' THEN NULL ELSE now() END
 FROM jsonb_to_recordset(%(outcomes)s)
-     AS o(id uuid, status text, result jsonb, error jsonb, retry_delay float8)
+     AS o(id uuid, status text, result jsonb, error jsonb, retry_delay float8, refund boolean)
 WHERE j.id = o.id AND j.status = 'processing' AND j.worker_id = %(worker_id)s
 RETURNING j.id, j.status
 """
 
-# -- release_jobs -- give running jobs back at shutdown; the interrupted attempt is not counted.
+# -- release_jobs -- give running jobs back at shutdown; the interrupted attempt is not counted,
+# and run_at is kept, so the job runs before younger jobs of its priority.
 RELEASE_JOBS = """
 UPDATE public.jobs
 SET status = 'queued', worker_id = NULL, lease_expires_at = NULL, progress = 0,
-    stage = 'released', attempts = greatest(attempts - 1, 0), run_at = now()
+    stage = 'released', attempts = greatest(attempts - 1, 0)
 WHERE id = ANY(%(job_ids)s::uuid[]) AND status = 'processing' AND worker_id = %(worker_id)s
 RETURNING id
 """
 
-# -- rescue_expired -- jobs whose worker stopped renewing the lease: retry, or fail at the limit.
+# -- rescue_expired -- jobs whose worker stopped renewing the lease: retry (keeping run_at, so the job
+# keeps its place in the queue), or fail at the limit.
 RESCUE_EXPIRED = """
 WITH expired AS (
     SELECT id
@@ -175,7 +185,6 @@ SET status = lost.next_status::public.job_status,
     lease_expires_at = NULL,
     progress = CASE WHEN lost.next_status = 'queued' THEN 0 ELSE j.progress END,
     stage = CASE WHEN lost.next_status = 'queued' THEN 'rescued' ELSE lost.next_status END,
-    run_at = now(),
     finished_at = CASE WHEN lost.next_status = 'queued' THEN NULL ELSE now() END
 FROM lost
 WHERE j.id = lost.id
@@ -185,14 +194,15 @@ RETURNING j.id, j.status
 # -- served_job_types -- the enabled types this worker has handlers for, on its queues.
 SERVED_JOB_TYPES = """
 SELECT name, queue, handler, model, content_type, file_extension, bucket, defaults,
-       expected_seconds, max_attempts, enabled
+       expected_seconds, max_run_seconds, limits, max_attempts, enabled
 FROM public.job_types
 WHERE enabled AND handler = ANY(%(handlers)s)
   AND (cardinality(%(queues)s::text[]) = 0 OR queue = ANY(%(queues)s::text[]))
 ORDER BY name
 """
 
-# -- register_worker -- (re)announce this worker.
+# -- register_worker -- (re)announce this worker; no row back when a live worker (one that beat
+# within %(live_seconds)s and is not stopped) already has this id.
 REGISTER_WORKER = """
 INSERT INTO public.workers (id, host, pid, queues, job_types, state, version, started_at, heartbeat_at)
 VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s, %(job_types)s, 'idle', %(version)s, now(), now())
@@ -200,8 +210,13 @@ ON CONFLICT (id) DO UPDATE
 SET host = excluded.host, pid = excluded.pid, queues = excluded.queues, job_types = excluded.job_types,
     state = 'idle', version = excluded.version, started_at = now(), heartbeat_at = now(),
     stopped_at = NULL, current_jobs = '{}', loaded_models = '[]', vram_used_mb = NULL, vram_total_mb = NULL,
-    memory_used_mb = NULL, memory_budget_mb = NULL, memory_pressure = NULL
+    memory_used_mb = NULL, memory_budget_mb = NULL, memory_pressure = NULL, faults = '{}'
+WHERE workers.state = 'stopped' OR workers.heartbeat_at < now() - make_interval(secs => %(live_seconds)s)
+RETURNING id
 """
+
+# -- live_worker -- who holds a worker id now (for the refusal's message).
+LIVE_WORKER = "SELECT host, pid, state, heartbeat_at FROM public.workers WHERE id = %(id)s"
 
 # -- set_worker_state -- idle | busy | draining | stopped.
 SET_WORKER_STATE = """
@@ -289,6 +304,10 @@ class LeaseLost(Exception):
     """The fenced write found no row: another worker owns this job now."""
 
 
+class WorkerIdInUse(Exception):
+    """A live worker already runs under this id: every fence is keyed on it, so a second is refused."""
+
+
 @dataclass(frozen=True)
 class Outcome:
     job_id: UUID
@@ -296,6 +315,7 @@ class Outcome:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     retry_delay: float = 0.0
+    refund: bool = False  # given back for the worker's own fault: attempt and place in the queue kept
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -304,6 +324,7 @@ class Outcome:
             "result": self.result,
             "error": self.error,
             "retry_delay": self.retry_delay,
+            "refund": self.refund,
         }
 
 
@@ -365,10 +386,24 @@ class JobQueue:
 
     @_db_retry
     def register_worker(self, host: str, pid: int, queues: Sequence[str], job_types: Sequence[str],
-                        version: str) -> None:
-        self._execute(REGISTER_WORKER, {"id": self.worker_id, "host": host, "pid": pid,
-                                        "queues": list(queues), "job_types": list(job_types),
-                                        "version": version})
+                        version: str, *, live_seconds: float = 30.0) -> None:
+        """Announce this worker; WorkerIdInUse when a live worker has the id. A predecessor that died
+        without saying so (its heartbeat stopped) is waited for until it counts as gone."""
+        params = {"id": self.worker_id, "host": host, "pid": pid, "queues": list(queues),
+                  "job_types": list(job_types), "version": version, "live_seconds": live_seconds}
+        first_beat = None
+        deadline = time.monotonic() + live_seconds + 1.0
+        while True:
+            if self._execute(REGISTER_WORKER, params):
+                return
+            holder = self._execute(LIVE_WORKER, {"id": self.worker_id})
+            beat = holder[0]["heartbeat_at"] if holder else None
+            first_beat = first_beat or beat
+            if beat != first_beat or time.monotonic() > deadline:
+                where = f" (host {holder[0]['host']}, pid {holder[0]['pid']})" if holder else ""
+                raise WorkerIdInUse(f"worker id {self.worker_id!r} is already in use by a live worker{where}; "
+                                    f"give each worker its own --worker-id")
+            time.sleep(min(1.0, live_seconds / 10))
 
     @_db_retry
     def set_worker_state(self, state: str) -> None:
@@ -390,8 +425,10 @@ class JobQueue:
         rows = self._execute(NEXT_DUE, {"job_types": list(job_types)})
         return rows[0]["run_at"] if rows else None
 
-    def heartbeat(self, job_ids: Iterable[UUID], state: str, memory: WorkerMemory | None = None) -> Heartbeat:
+    def heartbeat(self, job_ids: Iterable[UUID], state: str, memory: WorkerMemory | None = None,
+                  faults: dict[str, str] | None = None) -> Heartbeat:
         columns: dict[str, Any] = {name: (memory or {}).get(name) for name in MEMORY_COLUMNS}
+        columns["faults"] = Jsonb(faults or {})
         if columns["loaded_models"] is not None:
             columns["loaded_models"] = Jsonb(columns["loaded_models"])
         rows = self._execute(HEARTBEAT, {"worker_id": self.worker_id, "job_ids": list(job_ids),

@@ -93,6 +93,7 @@ class JobContext:
         self._interrupt: type[JobInterrupted] | None = None
         self._latest: tuple[int, str | None] = (0, None)
         self.assets: list[dict[str, Any]] = []
+        self.prepared: Any = None  # what the handler's prepare() made of the job before its model loaded
 
     # -- progress and cancellation ------------------------------------------------------
 

@@ -593,6 +593,8 @@ def enhance_prompt(model: ChatModel, prompt: str, target: str, *, system_prompts
 class ChatHandler:
     """Handler `chat`: every chat job type. Batches compatible jobs (see `max_batch_size`)."""
 
+    uses_storage = False  # replies go in the row: a storage fault never stops chat
+
     def __init__(self, settings: Settings | None = None, *, model: str | None = None, device: str | None = None,
                  max_batch_size: int | None = None, context_tokens: int | None = None) -> None:
         self.settings = settings or Settings()
@@ -628,6 +630,10 @@ class ChatHandler:
         """Drop the model (the memory manager evicts it); the next job, or a WAN enhancement, loads it again."""
         with self._load_lock:
             self.model = None
+
+    def prepare(self, job: Job, ctx: JobContext) -> None:
+        """Validate the payload before the model loads: an invalid chat job never loads (or downloads) it."""
+        job.parse(ChatPayload)
 
     def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
         value = self.run_batch([job], [ctx])[0]

@@ -123,9 +123,7 @@ def model_info(source: str, device: torch.device, dtype: torch.dtype, limits: Li
 def layered_config(job: Job, metadata_keys: tuple[str, ...]) -> dict[str, Any]:
     """The job type's defaults, then seed 002's `metadata` values, then the payload's `config`, each
     layer's aliases resolved on its own, so a payload's `size` overrides a preset's width/height."""
-    payload = job.payload
-    metadata = payload.get("metadata") if isinstance(payload.get("metadata"), dict) else {}
-    given = payload.get("config") if isinstance(payload.get("config"), dict) else {}
+    metadata, given = job.section("metadata"), job.section("config")  # INVALID_INPUT unless objects
     defaults = job.type_info.defaults if job.type_info else {}
     from_metadata = {k: metadata[k] for k in metadata_keys if metadata.get(k) is not None}
     return {**resolve_config_aliases(defaults), **from_metadata, **resolve_config_aliases(given)}

@@ -40,7 +40,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from worker.config import Settings
 from worker.handlers.base import MODEL_LOAD_LOCK, JobContext
@@ -66,7 +66,7 @@ from worker.handlers.diffusion import (
     resolve_dtype,
     vae_tiling,
 )
-from worker.jobs import ErrorCode, ImageConfig, ImagePayload, Job, JobError, invalid_input
+from worker.jobs import ErrorCode, ImageConfig, ImagePayload, Job, JobError
 from worker.media import ReferenceLimits, ReferenceSources, encode_png, fit_image, load_references
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ class SdxlHandler:
         self.variant = variant if variant is not None else self.settings.sdxl_variant
         self.pipe: Any = None
         self.img2img: Any = None
-        self.limits = Limits()
+        self.limits = Limits.of_model(self.source)  # known before loading: jobs are validated before any load
         self.info: dict[str, Any] = {}
         self.load_seconds = 0.0
         self._unreported_load = 0.0
@@ -220,15 +220,21 @@ class SdxlHandler:
 
     # -- a job --------------------------------------------------------------------------
 
-    def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
-        self.load()
+    def prepare(self, job: Job, ctx: JobContext) -> None:
+        """Validate the job and fetch its reference, holding no model: the worker calls this before the
+        load, so an invalid job never loads a model and a slow reference URL holds no GPU."""
         request = self.parse(job)  # INVALID_INPUT here, before any model work
+        ctx.prepared = (request, self._reference(job, ctx, request))
+
+    def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
+        if ctx.prepared is None:
+            self.prepare(job, ctx)
+        request, reference = ctx.prepared
+        self.load()
         timer = Timer()
         load_seconds, self._unreported_load = self._unreported_load, 0.0
 
         ctx.progress(0.01, STAGE_ENCODING)
-        reference = self._reference(job, ctx, request)
-        timer.lap("reference")
         embeds = self._encode(request)
         timer.lap("encode")
 
@@ -267,10 +273,7 @@ class SdxlHandler:
 
     def parse(self, job: Job) -> SdxlRequest:
         config_in = layered_config(job, METADATA_CONFIG_KEYS)
-        try:
-            parsed = payload_model(self.limits).model_validate({**job.payload, "config": config_in})
-        except ValidationError as err:
-            raise invalid_input(err) from None
+        parsed = job.parse(payload_model(self.limits), config_in)
         config = parsed.config
         sources = ReferenceSources.of(job)
         if sources.mode in ("start", "end", "both"):

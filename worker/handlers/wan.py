@@ -44,7 +44,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from worker.config import Settings
 from worker.handlers.base import MODEL_LOAD_LOCK, Handler, JobContext
@@ -70,7 +70,7 @@ from worker.handlers.diffusion import (
     resolve_dtype,
     vae_tiling,
 )
-from worker.jobs import ErrorCode, Job, JobError, VideoConfig, VideoPayload, invalid_input
+from worker.jobs import ErrorCode, Job, JobError, VideoConfig, VideoPayload
 from worker.media import (
     ReferenceLimits,
     ReferenceMode,
@@ -220,7 +220,7 @@ class WanHandler:
         self.chat = chat
         self._peers: Mapping[str, Handler] = {}
         self.pipes: dict[str, Any] = {}  # t2v, vace, i2v|flf2v
-        self.limits = Limits()
+        self.limits = Limits.of_model(self.source)  # known before loading: jobs are validated before any load
         self.info: dict[str, Any] = {}
         self.device: Any = None
         self.dtype: Any = None
@@ -359,16 +359,22 @@ class WanHandler:
 
     # -- a job --------------------------------------------------------------------------
 
-    def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
-        self.load()
+    def prepare(self, job: Job, ctx: JobContext) -> None:
+        """Validate the job and fetch its reference frames, holding no model: the worker calls this before
+        the load, so an invalid job never loads a model and a slow reference URL holds no GPU."""
         request = self.parse(job)  # INVALID_INPUT here, before any model work
+        ctx.prepared = (request, load_references(job, ctx.storage, ReferenceLimits.from_settings(self.settings)))
+
+    def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
+        if ctx.prepared is None:
+            self.prepare(job, ctx)
+        request, references = ctx.prepared
+        self.load()
         kind = route(request.mode, request.frames, self.vace_source is not None, self.i2v_kind())
         timer = Timer()
         load_seconds, self._unreported_load = self._unreported_load, 0.0
 
         ctx.progress(0.01, STAGE_ENCODING)
-        references = load_references(job, ctx.storage, ReferenceLimits.from_settings(self.settings))
-        timer.lap("reference")
         enhancement = self._enhance(ctx, request) if request.enhance else None
         prompt = enhancement["enhanced_prompt"] if enhancement else request.prompt
         partial = {"enhanced_prompt": prompt} if enhancement else {}
@@ -432,15 +438,12 @@ class WanHandler:
         return Path(source).name if Path(source).exists() else source
 
     def parse(self, job: Job) -> WanRequest:
-        payload = job.payload
+        payload = job.payload_object()
         config_in = layered_config(job, METADATA_CONFIG_KEYS)
-        given = payload.get("config") if isinstance(payload.get("config"), dict) else {}
+        given = job.section("config")
         if payload.get("negative_prompt") is not None and "negative_prompt" not in given:
             config_in["negative_prompt"] = payload["negative_prompt"]
-        try:
-            parsed = payload_model(self.limits).model_validate({**payload, "config": config_in})
-        except ValidationError as err:
-            raise invalid_input(err) from None
+        parsed = job.parse(payload_model(self.limits), config_in)
         config = parsed.config
         content = job.type_info.content_type if job.type_info else None
         if content == "image" and config.frame_num != 1:
