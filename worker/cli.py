@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 from uuid import UUID
 
 import typer
@@ -18,7 +18,7 @@ from worker.config import Settings
 from worker.handlers.base import Handler, builtin_handlers, load_handler
 from worker.health import HealthServer
 from worker.loop import Worker
-from worker.queue import JobQueue
+from worker.queue import JobQueue, WorkerIdInUse
 from worker.storage import Storage
 from worker.storage import make_storage as storage_backend
 
@@ -37,6 +37,12 @@ def _setup_logging(verbose: bool = False) -> None:
         handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
     )
     logging.getLogger("pgserver").setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    """A person's mistake or a refusal: one sentence on stderr and a non-zero exit, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
 
 
 def _database(settings: Settings) -> str:
@@ -91,7 +97,7 @@ def run(
         "shutdown_grace": shutdown_grace, "worker_id": worker_id, "health_port": health_port,
         "listen": False if no_listen else None,
     }
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None}, hang_watchdog=True)
     handlers = _handlers(handler or [])
     url = _database(settings)
     if gpus is not None:
@@ -102,10 +108,14 @@ def run(
     server = _health_server(worker, settings)
     try:
         stats = worker.run()
+    except WorkerIdInUse as err:
+        _fail(str(err))
     finally:
         if server is not None:
             server.stop()
     console.print(f"worker stopped: {stats}")
+    if worker.exit_reason:
+        _fail(worker.exit_reason, code=3)  # a handler that would not stop: the supervisor restarts us
 
 
 def _health_server(worker: Worker, settings: Settings) -> HealthServer | None:
