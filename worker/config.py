@@ -8,10 +8,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, ByteSize, Field, SecretStr, field_validator
+from pydantic import AliasChoices, ByteSize, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The wheel carries the repository's top-level sql/ as worker/sql (pyproject.toml package-dir);
+# a checkout, editable install included, reads sql/ where the Supabase CLI and the team keep it.
+_PACKAGED_SQL = Path(__file__).resolve().parent / "sql"
+SQL_DIR = _PACKAGED_SQL if _PACKAGED_SQL.is_dir() else REPO_ROOT / "sql"
 
 
 class Settings(BaseSettings):
@@ -285,6 +289,15 @@ class Settings(BaseSettings):
         return self.home.expanduser().resolve()
 
     @property
+    @field_validator("db_reply_timeout")
+    @classmethod
+    def reply_after_statement(cls, value: float, info: ValidationInfo) -> float:
+        statement = info.data.get("db_statement_timeout") or 0
+        if value <= statement:
+            raise ValueError(f"must be longer than db_statement_timeout ({statement:g} s), or every slow statement "
+                             "would drop its connection")
+        return value
+
     def storage_dir(self) -> Path:
         return self.home_dir / "storage"
 
@@ -294,8 +307,8 @@ class Settings(BaseSettings):
 
     @property
     def migrations_dir(self) -> Path:
-        return REPO_ROOT / "sql" / "migrations"
+        return SQL_DIR / "migrations"
 
     @property
     def bootstrap_file(self) -> Path:
-        return REPO_ROOT / "sql" / "bootstrap" / "supabase_shim.sql"
+        return SQL_DIR / "bootstrap" / "supabase_shim.sql"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -74,24 +75,82 @@ def resolve_database_url(settings: Settings) -> str:
     return _embedded[pgdata].url
 
 
-def connect(url: str, **kwargs: Any) -> Connection:
-    return psycopg.connect(url, autocommit=True, row_factory=dict_row, **kwargs)
+class BoundedConnection(psycopg.Connection[dict[str, Any]]):
+    """A connection that gives up on a reply after `reply_timeout` seconds and closes itself.
+
+    TCP keepalives find a dead peer only where nothing answers at the TCP level; a proxy or
+    pooler whose far side is partitioned keeps answering them, and a statement sent into it
+    would wait forever. The closed connection raises OperationalError, which the worker's
+    callers already retry on a fresh connection.
+    """
+
+    reply_timeout: float | None = None
+
+    def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+        if timeout is not None or not self.reply_timeout:  # notifies(timeout=…) sets its own
+            return super().wait(gen, interval, timeout)
+        try:
+            return super().wait(gen, interval, self.reply_timeout)
+        except psycopg.errors._WaitTimeout:
+            self.close()
+            raise psycopg.OperationalError(
+                f"no reply from the database in {self.reply_timeout:g}s; connection dropped"
+            ) from None
+
+
+def connection_options(settings: Settings) -> dict[str, Any]:
+    """libpq parameters for every connection: a connect timeout and TCP keepalives (ignored on
+    Unix sockets). Parameters written in the URL itself win."""
+    return {
+        "connect_timeout": settings.db_connect_timeout,
+        "keepalives": 1,
+        "keepalives_idle": settings.db_keepalives_idle,
+        "keepalives_interval": settings.db_keepalives_interval,
+        "keepalives_count": settings.db_keepalives_count,
+    }
+
+
+def with_options(url: str, settings: Settings) -> str:
+    given = conninfo_to_dict(url)
+    return make_conninfo(url, **{k: v for k, v in connection_options(settings).items() if k not in given})
+
+
+def connect(url: str, settings: Settings | None = None, *, reply_timeout: float | None = None,
+            **kwargs: Any) -> Connection:
+    """One autocommit connection with connection_options; `settings` defaults to the environment.
+    No statement or reply timeout unless asked for: migrations may run long."""
+    conn = BoundedConnection.connect(with_options(url, settings or Settings()), autocommit=True,
+                                     row_factory=dict_row, **kwargs)
+    conn.reply_timeout = reply_timeout
+    return conn
 
 
 def make_pool(url: str, size: int, name: str = "ourvidz", *, prepare: bool = True,
-              check: bool = True, async_commit: bool = False) -> ConnectionPool[Connection]:
+              check: bool = True, async_commit: bool = False,
+              settings: Settings | None = None) -> ConnectionPool[Connection]:
     """`prepare=False` for transaction-mode poolers, which may not keep a prepared statement
     between transactions on the same server connection. `check=False` skips the liveness round
     trip on every checkout, for callers that retry a statement a restart broke (the worker).
     `async_commit=True` commits without waiting for the WAL flush unless a statement asks for it
-    (see JobQueue._execute)."""
+    (see JobQueue._execute). Every connection gets connection_options, db_statement_timeout
+    (a session setting, so not with prepare=False) and db_reply_timeout; `settings` defaults to
+    the environment."""
+    settings = settings or Settings()
+    statement_ms = round(settings.db_statement_timeout * 1000) if prepare else 0
+    reply_timeout = settings.db_reply_timeout
+
     def configure(conn: Connection) -> None:
         conn.autocommit = True
         if async_commit:  # a session setting: not for transaction-mode poolers
             conn.execute("SET synchronous_commit TO off")
+        if statement_ms:
+            conn.execute(f"SET statement_timeout = {statement_ms}")
+        if isinstance(conn, BoundedConnection):
+            conn.reply_timeout = reply_timeout
 
     return ConnectionPool(
-        url,
+        with_options(url, settings),
+        connection_class=BoundedConnection,
         min_size=1,
         max_size=size,
         kwargs={"row_factory": dict_row, "autocommit": True, **({} if prepare else {"prepare_threshold": None})},
