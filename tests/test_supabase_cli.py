@@ -1,9 +1,16 @@
-"""sql/migrations apply unchanged with the real Supabase CLI (npm package `supabase`).
+"""Our migrations and the real Supabase CLI (npm package `supabase`) on one database.
 
-After the bootstrap shim (what a Supabase project already has), `supabase migration up --remote
-<url>` runs against a fresh database on the test server; then both tools must agree: the CLI's
-history lists every migration with the statements our runner would record, our runner finds
-nothing left to apply, and the schema equals the one our runner builds on its own.
+- After the bootstrap shim (what a Supabase project already has), `supabase migration up --remote
+  <url>` runs against a fresh database on the test server; then both tools must agree: the CLI's
+  history lists every migration with the statements our runner would record, our runner finds
+  nothing left to apply, and the schema equals the one our runner builds on its own.
+- On a Supabase project that has migrations of its own, in either order, `ourvidz-worker migrate`
+  and the team's `supabase db push` never break each other, and `ourvidz-worker supabase export`
+  deploys ours through `db push` with theirs.
+- Supabase is told per database, not per cluster.
+
+A "Supabase project" here is a database with what the shim creates plus Supabase Auth's own
+history table (`auth.schema_migrations`), which is what worker.db.is_supabase looks for.
 """
 
 from __future__ import annotations
@@ -12,17 +19,21 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict
+from typer.testing import CliRunner
 
 from tests.conftest import PostgresServer
 from worker import db
+from worker.cli import app
 from worker.config import REPO_ROOT, Settings
+from worker.supabase_cli import export_migrations
 
 REALTIME_DIR = REPO_ROOT / "realtime"
 SCHEMAS = ("public", "private", "auth", "storage", "realtime")
@@ -169,3 +180,224 @@ def test_migrations_apply_unchanged_with_the_supabase_cli(
     assert any("jobs_broadcast" in trigger for trigger in cli_schema["triggers"])
     for part in cli_schema:
         assert cli_schema[part] == reference_schema[part], part
+
+
+# --- a Supabase project with migrations of its own -----------------------------------------
+
+
+@pytest.fixture
+def new_database(pg_server: PostgresServer) -> Iterator[Callable[[], str]]:
+    names: list[str] = []
+
+    def make() -> str:
+        name = f"sb_{uuid.uuid4().hex[:10]}"
+        with db.connect(pg_server.url) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        names.append(name)
+        return pg_server.database_url(name)
+
+    yield make
+    with db.connect(pg_server.url) as conn:
+        for name in names:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def supabase_project(url: str) -> str:
+    with db.connect(url) as conn, conn.transaction():
+        for statement in db.split_statements(Settings().bootstrap_file.read_text()):
+            conn.execute(statement.encode())
+        conn.execute("create table auth.schema_migrations (version varchar(255) primary key)")  # as Auth has it
+    return url
+
+
+@dataclass
+class Project:
+    """A team's project folder (supabase/migrations) and the CLI run on it."""
+
+    workdir: Path
+    cli: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.workdir / "supabase" / "migrations"
+
+    def add(self, version: str, name: str, sql: str) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"{version}_{name}.sql").write_text(sql)
+
+    def run(self, *args: str) -> tuple[int, str]:
+        env = {**os.environ, "HOME": str(self.workdir.parent / "cli-home"), "DO_NOT_TRACK": "1"}
+        done = subprocess.run([str(self.cli), *args, "--yes", "--workdir", str(self.workdir)],
+                              capture_output=True, text=True, env=env, timeout=120)
+        return done.returncode, done.stdout + done.stderr
+
+    def push(self, url: str, *flags: str) -> tuple[int, str]:
+        return self.run("db", "push", *flags, f"--remote={cli_url(url)}")
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    return Project(tmp_path / "team", _cli())
+
+
+def cli_history(url: str) -> list[str]:
+    with db.connect(url) as conn:
+        if conn.execute("select to_regclass('supabase_migrations.schema_migrations') is null as none").fetchone() \
+                == {"none": True}:
+            return []
+        return [r["version"] for r in
+                conn.execute("select version from supabase_migrations.schema_migrations order by version")]
+
+
+def own_history(url: str) -> list[str]:
+    with db.connect(url) as conn:
+        return [r["version"] for r in conn.execute("select version from ourvidz.schema_migrations order by version")]
+
+
+def tables(url: str, *names: str) -> list[str]:
+    with db.connect(url) as conn:
+        return [n for n in names if conn.execute("select to_regclass(%s) as t", (n,)).fetchone() != {"t": None}]
+
+
+OURS = [m.version for m in db.discover_migrations(Settings().migrations_dir)]
+THEIRS = ("20250101000000", "todos", "create table public.todos (id bigint primary key, title text not null);")
+THEIR_NEXT = ("20261215000000", "todo_done", "alter table public.todos add column done boolean default false;")
+
+
+def test_supabase_is_told_per_database(new_database: Callable[[], str], database_url: str,
+                                       pg_server: PostgresServer) -> None:
+    with db.connect(pg_server.url) as admin:
+        created = admin.execute("select not exists (select 1 from pg_roles where rolname = 'supabase_admin') as c"
+                                ).fetchone() == {"c": True}
+        if created:  # a Supabase cluster's role, which every database of the cluster sees
+            admin.execute("create role supabase_admin nologin")
+    try:
+        plain = new_database()  # a second database of that cluster: no auth, no storage
+        with db.connect(plain) as conn:
+            assert not db.is_supabase(conn)
+        assert [m.version for m in db.migrate(plain)] == OURS, "the bootstrap runs where Supabase's schemas are not"
+        assert tables(plain, "public.jobs", "auth.users") == ["public.jobs", "auth.users"]
+        with db.connect(database_url) as conn:
+            assert not db.is_supabase(conn), "a database our bootstrap built is not taken for a project"
+        with db.connect(supabase_project(new_database())) as conn:
+            assert db.is_supabase(conn)
+    finally:
+        if created:
+            with db.connect(pg_server.url) as admin:
+                admin.execute("drop role supabase_admin")
+
+
+def test_migrate_first_then_their_db_push(new_database: Callable[[], str], project: Project) -> None:
+    url = supabase_project(new_database())
+    assert [m.version for m in db.migrate(url)] == OURS
+    assert cli_history(url) == [] and own_history(url) == OURS  # the CLI's history is the team's alone
+
+    project.add(*THEIRS)
+    code, output = project.push(url)
+    assert code == 0 and "Applying migration 20250101000000_todos.sql" in output, output
+    assert db.migrate(url) == []
+    project.add(*THEIR_NEXT)  # older than some of ours: nothing of ours is in the CLI's way
+    code, output = project.push(url)
+    assert code == 0 and "20261215000000_todo_done.sql" in output, output
+    assert cli_history(url) == [THEIRS[0], THEIR_NEXT[0]] and own_history(url) == OURS
+
+
+def test_their_db_push_first_then_migrate(new_database: Callable[[], str], project: Project) -> None:
+    url = supabase_project(new_database())
+    project.add(*THEIRS)
+    code, output = project.push(url)
+    assert code == 0, output
+    assert [m.version for m in db.migrate(url)] == OURS  # versions we do not know in the CLI's history are theirs
+    project.add(*THEIR_NEXT)
+    code, output = project.push(url)
+    assert code == 0 and "Applying migration 20261215000000_todo_done.sql" in output, output
+    assert cli_history(url) == [THEIRS[0], THEIR_NEXT[0]] and own_history(url) == OURS
+    assert tables(url, "public.todos", "public.jobs") == ["public.todos", "public.jobs"]
+
+
+def export(folder: Path, *options: str) -> str:
+    result = CliRunner().invoke(app, ["supabase", "export", "--dir", str(folder), *options])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_export_deploys_ours_with_theirs_and_migrate_steps_aside(
+    new_database: Callable[[], str], project: Project, tmp_path: Path,
+) -> None:
+    url = supabase_project(new_database())
+    project.add(*THEIRS)
+    output = export(project.folder)
+    assert f"wrote {len(OURS)} of {len(OURS)} ourvidz migrations" in output
+    code, output = project.push(url)
+    assert code == 0, output
+    for version in [THEIRS[0], *OURS]:
+        assert f"Applying migration {version}_" in output, output
+    assert cli_history(url) == [THEIRS[0], *OURS]
+    assert db.migrate(url) == []  # the CLI applied them: nothing left, nothing recorded twice
+
+    # A newer release brings a migration: migrate leaves it to the CLI, export adds only it.
+    newer = tmp_path / "newer"
+    shutil.copytree(Settings().migrations_dir, newer)
+    (newer / "20261231000000_next.sql").write_text("create table public.ourvidz_next (id int);\n")
+
+    class Newer(Settings):
+        @property
+        def migrations_dir(self) -> Path:
+            return newer
+
+    with pytest.raises(db.MigrationRefused, match=r"20261231000000_next\.sql.*supabase export.*supabase db push"):
+        db.migrate(url, Newer())
+    assert tables(url, "public.ourvidz_next") == []
+    exported = export_migrations(db.discover_migrations(newer), project.folder)
+    assert [m.version for m in exported.written] == ["20261231000000"] and len(exported.unchanged) == len(OURS)
+    code, output = project.push(url)
+    assert code == 0 and "Applying migration 20261231000000_next.sql" in output, output
+    assert db.migrate(url, Newer()) == []
+
+
+def test_export_after_their_newer_migrations(new_database: Callable[[], str], project: Project) -> None:
+    url = supabase_project(new_database())
+    project.add("20270101000000", "todos", THEIRS[2])  # theirs first, and newer than all of ours
+    assert project.push(url)[0] == 0
+    export(project.folder)
+    code, output = project.push(url)
+    assert code != 0 and "--include-all" in output, output  # the CLI's rule for files older than its last
+    code, output = project.push(url, "--include-all")
+    assert code == 0, output
+    assert cli_history(url) == [*OURS, "20270101000000"] and db.migrate(url) == []
+
+
+def test_export_after_migrate_tells_the_cli_what_migrate_applied(
+    new_database: Callable[[], str], project: Project,
+) -> None:
+    url = supabase_project(new_database())
+    db.migrate(url)
+    project.add(*THEIRS)
+    assert project.push(url)[0] == 0
+    output = export(project.folder, "--database-url", url)
+    [repair] = [line.strip() for line in output.splitlines() if line.strip().startswith("supabase migration repair")]
+    assert repair == f"supabase migration repair --status applied {' '.join(OURS)} --linked"
+    code, repaired = project.run(*repair.split()[1:-1], f"--remote={cli_url(url)}")
+    assert code == 0, repaired
+    code, output = project.push(url)
+    assert code == 0 and "up to date" in output, output  # nothing of ours is applied a second time
+    assert cli_history(url) == sorted([THEIRS[0], *OURS]) and db.migrate(url) == []
+
+
+def test_export_refuses_a_conflict_and_writes_nothing(tmp_path: Path) -> None:
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    first = db.discover_migrations(Settings().migrations_dir)[0]
+    (folder / f"{first.version}_their_own.sql").write_text("select 1;")
+    result = CliRunner().invoke(app, ["supabase", "export", "--dir", str(folder)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{first.version}_their_own.sql has version {first.version}" in result.output
+    assert sorted(p.name for p in folder.iterdir()) == [f"{first.version}_their_own.sql"]
+
+    (folder / f"{first.version}_their_own.sql").unlink()
+    export(folder)
+    (folder / first.path.name).write_text("-- edited\n")
+    result = CliRunner().invoke(app, ["supabase", "export", "--dir", str(folder)])
+    assert result.exit_code == 1 and "differs" in result.output
+    export(folder, "--force")
+    assert (folder / first.path.name).read_bytes() == first.path.read_bytes()

@@ -21,10 +21,12 @@ from worker.loop import Worker
 from worker.queue import JobQueue, WorkerIdInUse
 from worker.storage import Storage
 from worker.storage import make_storage as storage_backend
+from worker.supabase_cli import supabase_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 types_app = typer.Typer(help="List job types, or register one served by a custom handler.")
 app.add_typer(types_app, name="types")
+app.add_typer(supabase_app, name="supabase")
 console = Console()
 
 TERMINAL = {"completed", "failed", "canceled"}

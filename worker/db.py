@@ -256,40 +256,107 @@ def _append_statement(statements: list[str], text: str) -> None:
         statements.append(text.strip().removesuffix(";").rstrip())  # the CLI records them without it
 
 
+class MigrationRefused(RuntimeError):
+    """`migrate` will not apply what another tool deploys; the message says what to run instead."""
+
+
 def is_supabase(conn: Connection) -> bool:
-    """A Supabase project has its own admin role; our bootstrap never creates it."""
-    row = conn.execute("select exists (select 1 from pg_roles where rolname = 'supabase_admin') as yes").fetchone()
+    """Whether THIS database (not merely its cluster) is a Supabase project's.
+
+    Supabase Auth keeps its own migration history in `auth.schema_migrations` next to
+    `auth.users`, and Storage has `storage.buckets`. Our bootstrap creates `auth.users` and
+    `storage.buckets` on vanilla Postgres but never Auth's history, so a database we bootstrapped
+    is never taken for a project; a second database of a Supabase cluster (which has the
+    cluster's roles but none of these schemas) is not one either, and gets the bootstrap.
+    """
+    row = conn.execute(
+        "select to_regclass('auth.users') is not null and to_regclass('auth.schema_migrations') is not null"
+        " and to_regclass('storage.buckets') is not null as yes"
+    ).fetchone()
     return bool(row and row["yes"])
 
 
+@dataclass(frozen=True)
+class History:
+    """Where `migrate` records what it applied, and what counts as applied already."""
+
+    table: tuple[str, str]
+    applied: frozenset[str]
+    # Versions of ours that the Supabase CLI applied (`supabase export` + `supabase db push`).
+    deployed_by_cli: frozenset[str]
+
+
+CLI_HISTORY = ("supabase_migrations", "schema_migrations")
+OWN_HISTORY = ("ourvidz", "schema_migrations")
+
+
+def _table(name: tuple[str, str]) -> psycopg.sql.Identifier:
+    return psycopg.sql.Identifier(*name)
+
+
+def _recorded(conn: Connection, table: tuple[str, str]) -> set[str] | None:
+    row = conn.execute("select to_regclass(%s) is not null as yes", (".".join(table),)).fetchone()
+    if not (row and row["yes"]):
+        return None
+    rows = conn.execute(psycopg.sql.SQL("select version from {}").format(_table(table))).fetchall()
+    return {r["version"] for r in rows}
+
+
+def migration_history(conn: Connection, migrations: list[Migration], supabase: bool) -> History:
+    """Our versions go into the Supabase CLI's history only on a database of our own: not a
+    Supabase project, and no versions in it but ours. Anywhere else a version there that the
+    team's `supabase/migrations` lacks would make their next `supabase db push` fail ("Remote
+    migration versions not found in local migrations directory"), so we keep our own table.
+    Versions of ours that the CLI applied count as applied in both cases."""
+    ours = {m.version for m in migrations}
+    cli = _recorded(conn, CLI_HISTORY)
+    own = _recorded(conn, OWN_HISTORY)
+    if not supabase and not own and not (cli or set()) - ours:
+        conn.execute("create schema if not exists supabase_migrations")
+        conn.execute("create table if not exists supabase_migrations.schema_migrations"
+                     " (version text not null primary key, statements text[], name text)")
+        return History(CLI_HISTORY, frozenset(cli or ()), frozenset())
+    conn.execute("create schema if not exists ourvidz")
+    conn.execute("create table if not exists ourvidz.schema_migrations (version text not null primary key,"
+                 " statements text[], name text, applied_at timestamptz not null default now())")
+    by_cli = frozenset((cli or set()) & ours)
+    return History(OWN_HISTORY, frozenset(own or ()) | by_cli, by_cli)
+
+
 def migrate(url: str, settings: Settings | None = None) -> list[Migration]:
-    """Apply pending migrations in order; record them as `supabase db push` does. Idempotent."""
+    """Apply pending migrations in order, each in one transaction, recorded with the statements
+    `supabase db push` would record (see migration_history for where). Idempotent.
+
+    Raises MigrationRefused when our migrations are deployed with the Supabase CLI on this
+    database and some are pending: applying them here would make `supabase db push` apply them
+    a second time."""
     settings = settings or Settings()
     applied_now: list[Migration] = []
     with connect(url) as conn:
         conn.execute("select pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
         try:
-            if not is_supabase(conn):
+            supabase = is_supabase(conn)
+            if not supabase:
                 with conn.transaction():
                     for statement in split_statements(settings.bootstrap_file.read_text()):
                         conn.execute(statement.encode())
-            conn.execute("create schema if not exists supabase_migrations")
-            conn.execute(
-                "create table if not exists supabase_migrations.schema_migrations"
-                " (version text not null primary key, statements text[], name text)"
-            )
-            rows = conn.execute("select version from supabase_migrations.schema_migrations").fetchall()
-            done = {row["version"] for row in rows}
-            for migration in discover_migrations(settings.migrations_dir):
-                if migration.version in done:
-                    continue
+            migrations = discover_migrations(settings.migrations_dir)
+            history = migration_history(conn, migrations, supabase)
+            pending = [m for m in migrations if m.version not in history.applied]
+            if pending and history.deployed_by_cli:
+                names = ", ".join(m.path.name for m in pending)
+                raise MigrationRefused(
+                    f"this database gets the ourvidz migrations through the Supabase CLI, so apply {names}"
+                    " the same way: `ourvidz-worker supabase export` into the project's supabase/migrations,"
+                    " then `supabase db push`")
+            for migration in pending:
                 statements = migration.statements
                 with conn.transaction():
                     for statement in statements:
                         conn.execute(statement.encode())
                     conn.execute(
-                        "insert into supabase_migrations.schema_migrations (version, name, statements)"
-                        " values (%s, %s, %s)",
+                        psycopg.sql.SQL("insert into {} (version, name, statements) values (%s, %s, %s)").format(
+                            _table(history.table)),
                         (migration.version, migration.name, statements),
                     )
                 log.info("applied migration %s_%s", migration.version, migration.name)
@@ -297,4 +364,3 @@ def migrate(url: str, settings: Settings | None = None) -> list[Migration]:
         finally:
             conn.execute("select pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
     return applied_now
-
