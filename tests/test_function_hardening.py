@@ -1,12 +1,25 @@
 """Supabase's Security Advisor rules, for every function in our schemas (pg_proc, so functions that
 later migrations add are covered too): a fixed search_path, and no SECURITY DEFINER function an
-API role may call unless it is meant to be."""
+API role may call unless it is meant to be. And the worker's own database role of
+docs/security.md, created from the doc's SQL block and used by a real worker."""
 
 from __future__ import annotations
 
+import re
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import make_conninfo
+
+from tests.conftest import wait_status
+from worker import db
+from worker.config import REPO_ROOT
+from worker.handlers.simulate import SimulateHandler
+from worker.queue import JobQueue
+
+SECURITY_DOC = REPO_ROOT / "docs" / "security.md"
 
 OUR_SCHEMAS = ("public", "private")
 API_ROLES = ("anon", "authenticated")
@@ -70,3 +83,54 @@ def test_a_user_topic_and_a_revoked_trigger_function_still_work(sql: psycopg.Con
         sent = sql.execute("select topic, payload from realtime.messages where topic = %s",
                            (f"jobs:{user['id']}",)).fetchall()
     assert [m["payload"]["id"] for m in sent] == [str(row["id"])]
+
+
+def worker_role_sql() -> str:
+    """The first SQL block of the doc's section on the worker's role."""
+    section = SECURITY_DOC.read_text().split("## The worker's database role", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```sql\n(.*?)```", section, re.S)
+    assert match, "docs/security.md: no SQL block for the worker's role"
+    return match.group(1)
+
+
+def test_a_worker_runs_as_the_documented_login_role(
+    sql: psycopg.Connection[dict[str, Any]], database_url: str, start_worker: Callable[..., Any],
+) -> None:
+    role, granted_only = f"ourvidz_worker_{uuid.uuid4().hex[:8]}", f"ourvidz_granted_{uuid.uuid4().hex[:8]}"
+    script = worker_role_sql().replace("ourvidz_worker", role)
+    assert "bypassrls" in script and "service_role" not in script
+    url = make_conninfo(database_url, user=role, password="a long random password")
+    try:
+        for statement in db.split_statements(script):
+            sql.execute(statement.encode())
+        # What the old docs implied, a login role granted service_role: its table privileges come
+        # with it, its BYPASSRLS does not, so row level security hides every job.
+        sql.execute(f"create role {granted_only} login")
+        sql.execute(f"grant service_role to {granted_only}")
+        user = sql.execute("insert into auth.users (email) values ('role@example.com') returning id").fetchone()
+        assert user is not None
+        owned = sql.execute("insert into public.jobs (job_type, payload, user_id) values ('simulate', %s, %s)"
+                            " returning id", ('{"config": {"steps": 2, "step_seconds": 0}}', user["id"])).fetchone()
+        assert owned is not None
+        with db.connect(make_conninfo(database_url, user=granted_only)) as conn:
+            assert conn.execute("select count(*) as n from public.jobs").fetchone() == {"n": 0}
+
+        pool = db.make_pool(url, 1, name="role-test")
+        try:
+            queue = JobQueue(pool)
+            service_job = queue.enqueue("simulate", {"config": {"steps": 2, "step_seconds": 0}})
+            worker = start_worker({"simulate": SimulateHandler()}, database_url=url)
+            for job_id in (owned["id"], service_job):
+                assert wait_status(queue, job_id, "completed", "failed")["status"] == "completed"
+            worker.stop()
+            with pool.connection() as conn:
+                assert conn.execute("select count(*) as n from public.queue_depth").fetchone()["n"] >= 1
+        finally:
+            pool.close()
+        assert sql.execute("select state from public.workers where id = %s",
+                           (worker.worker.id,)).fetchone() == {"state": "stopped"}
+    finally:
+        for name in (role, granted_only):
+            if sql.execute("select 1 from pg_roles where rolname = %s", (name,)).fetchone():
+                sql.execute(f"drop owned by {name}")
+                sql.execute(f"drop role {name}")
