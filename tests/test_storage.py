@@ -1,32 +1,26 @@
 """Storage backends: LocalStorage, SupabaseStorage, the buckets migration and its policies.
 
 SupabaseStorage is exercised through the real supabase-py / storage3 client against
-`FakeStorageAPI`: a small HTTP server on 127.0.0.1 (http.server in a thread) that stands in for
-the Supabase Storage API. It speaks the subset the worker uses — multipart upload with
-`x-upsert`, signed and public URLs, bucket info, download — records every request, and can be
-told to fail. `test_real_supabase_storage` runs the same flow against a real project when
+`FakeStorageAPI` (tests/storage_standin.py): a small HTTP server on 127.0.0.1 that fakes the
+network edge of the Supabase Storage API. It speaks the subset the worker uses — multipart upload
+with `x-upsert`, signed and public URLs, bucket info, download, remove — records every request, and
+can be told to fail. `test_real_supabase_storage` runs the same flow against a real project when
 SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY are set, and is skipped otherwise.
 Database tests run on a real Postgres (see conftest.py).
 """
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import io
 import json
 import os
-import secrets
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
 import psycopg
@@ -34,6 +28,14 @@ import pytest
 from PIL import Image
 
 from tests.conftest import wait_status
+from tests.storage_standin import (  # noqa: F401 - fake_api_fixture is the fake_api fixture
+    KEY,
+    FakeStorageAPI,
+    fake_api_fixture,
+    kind_of,
+    png_bytes,
+    supabase_storage,
+)
 from worker.cli import make_storage
 from worker.config import Settings
 from worker.handlers.base import JobContext, builtin_handlers
@@ -44,179 +46,16 @@ from worker.storage import (
     LocalStorage,
     ObjectNotFound,
     ObjectTooLarge,
+    OutagePolicy,
     StorageError,
     StoredObject,
     SupabaseStorage,
 )
 
-KEY = "test-service-role-key"
-
 ASSET_BUCKETS = {
     "sdxl_image_fast", "sdxl_image_high", "image_fast", "image_high", "image7b_fast_enhanced",
     "image7b_high_enhanced", "video_fast", "video_high", "video7b_fast_enhanced", "video7b_high_enhanced",
 }
-
-
-def png_bytes(width: int = 64, height: int = 64, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-# --- the fake Storage API ---------------------------------------------------------------
-
-
-@dataclass
-class Seen:
-    method: str
-    path: str
-    headers: dict[str, str]
-    file_content_type: str | None = None
-    json: Any = None
-
-
-@dataclass
-class FakeStorageAPI:
-    """State of the fake: objects, buckets, the requests seen, failures to inject."""
-
-    url: str = ""
-    objects: dict[tuple[str, str], tuple[bytes, str]] = field(default_factory=dict)
-    public: dict[str, bool] = field(default_factory=dict)
-    seen: list[Seen] = field(default_factory=list)
-    fail: dict[str, list[int]] = field(default_factory=dict)  # kind -> statuses for the next requests
-    fail_always: dict[str, int] = field(default_factory=dict)
-    tokens: dict[str, tuple[str, str]] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def count(self, kind: str) -> int:
-        return sum(1 for s in self.seen if _kind(s.method, s.path) == kind)
-
-    def next_failure(self, kind: str) -> int | None:
-        with self.lock:
-            if kind in self.fail_always:
-                return self.fail_always[kind]
-            queue = self.fail.get(kind)
-            return queue.pop(0) if queue else None
-
-
-def _kind(method: str, path: str) -> str:
-    rest = path.removeprefix("/storage/v1/")
-    if rest.startswith("object/sign/"):
-        return "sign" if method == "POST" else "signed_get"
-    if rest.startswith("object/public/"):
-        return "public_get"
-    if rest.startswith("bucket/"):
-        return "bucket"
-    if rest.startswith("object/"):
-        return "upload" if method == "POST" else "download"
-    return "other"
-
-
-def _error(status: int, error: str, message: str) -> tuple[int, bytes]:
-    # Storage answers most errors as HTTP 400 with the real status in the body, 5xx as themselves.
-    http_status = status if status >= 500 else 400
-    return http_status, json.dumps({"statusCode": str(status), "error": error, "message": message}).encode()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    api: FakeStorageAPI
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self._handle()
-
-    def do_POST(self) -> None:
-        self._handle()
-
-    def _handle(self) -> None:
-        split = urlsplit(self.path)
-        path = unquote(split.path)
-        body = self.rfile.read(int(self.headers.get("content-length") or 0))
-        seen = Seen(self.command, path, {k.lower(): v for k, v in self.headers.items()})
-        with self.api.lock:
-            self.api.seen.append(seen)
-        kind = _kind(self.command, path)
-        status, payload, content_type = self._route(kind, path, parse_qs(split.query), body, seen)
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def _route(self, kind: str, path: str, query: dict[str, list[str]], body: bytes,
-               seen: Seen) -> tuple[int, bytes, str]:
-        api = self.api
-        rest = path.removeprefix("/storage/v1/")
-        if kind not in ("signed_get", "public_get") and (
-            seen.headers.get("authorization") != f"Bearer {KEY}" or seen.headers.get("apikey") != KEY
-        ):
-            return (*_error(403, "Unauthorized", "invalid signature"), "application/json")
-        if (failure := api.next_failure(kind)) is not None:
-            return (*_error(failure, "InternalError", f"injected {failure}"), "application/json")
-        if kind == "upload":
-            bucket, _, name = rest.removeprefix("object/").partition("/")
-            message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-                f"Content-Type: {seen.headers['content-type']}\r\n\r\n".encode() + body)
-            part = next(p for p in message.iter_parts() if p.get_param("name", header="content-disposition") == "file")
-            data = part.get_payload(decode=True)
-            seen.file_content_type = part.get_content_type()
-            with api.lock:
-                if (bucket, name) in api.objects and seen.headers.get("x-upsert") != "true":
-                    return (*_error(409, "Duplicate", "The resource already exists"), "application/json")
-                api.objects[(bucket, name)] = (data, seen.file_content_type)
-            return 200, json.dumps({"Key": f"{bucket}/{name}", "Id": str(uuid.uuid4())}).encode(), "application/json"
-        if kind == "sign":
-            bucket, _, name = rest.removeprefix("object/sign/").partition("/")
-            seen.json = json.loads(body)
-            if (bucket, name) not in api.objects:
-                return (*_error(404, "not_found", "Object not found"), "application/json")
-            token = secrets.token_hex(8)
-            api.tokens[token] = (bucket, name)
-            signed = f"/object/sign/{bucket}/{name}?token={token}"
-            return 200, json.dumps({"signedURL": signed}).encode(), "application/json"
-        if kind == "bucket":
-            bucket = rest.removeprefix("bucket/")
-            if bucket not in api.public:
-                return (*_error(404, "Bucket not found", "Bucket not found"), "application/json")
-            now = datetime.now(UTC).isoformat()
-            info = {"id": bucket, "name": bucket, "owner": "", "public": api.public[bucket], "created_at": now,
-                    "updated_at": now, "file_size_limit": None, "allowed_mime_types": None}
-            return 200, json.dumps(info).encode(), "application/json"
-        if kind in ("download", "signed_get", "public_get"):
-            prefix = {"download": "object/", "signed_get": "object/sign/", "public_get": "object/public/"}[kind]
-            bucket, _, name = rest.removeprefix(prefix).partition("/")
-            if kind == "signed_get" and api.tokens.get(query.get("token", [""])[0]) != (bucket, name):
-                return (*_error(400, "InvalidSignature", "invalid signature"), "application/json")
-            if kind == "public_get" and not api.public.get(bucket):
-                return (*_error(400, "not_found", "Bucket is not public"), "application/json")
-            if (bucket, name) not in api.objects:
-                return (*_error(404, "not_found", "Object not found"), "application/json")
-            data, content_type = api.objects[(bucket, name)]
-            return 200, data, content_type
-        return (*_error(404, "not_found", "no such route"), "application/json")
-
-
-@pytest.fixture
-def fake_api() -> Iterator[FakeStorageAPI]:
-    api = FakeStorageAPI()
-    handler = type("Handler", (_Handler,), {"api": api})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    api.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield api
-    server.shutdown()
-    server.server_close()
-
-
-def supabase_storage(api: FakeStorageAPI, **kwargs: Any) -> SupabaseStorage:
-    kwargs.setdefault("backoff_initial", 0.01)
-    kwargs.setdefault("backoff_max", 0.05)
-    kwargs.setdefault("timeout", 5.0)
-    return SupabaseStorage(api.url, KEY, **kwargs)
 
 
 # --- SupabaseStorage against the fake ---------------------------------------------------
@@ -228,7 +67,7 @@ def test_upload_upserts_with_content_type_and_returns_signed_url(fake_api: FakeS
     storage.upload("image_fast", "u1/j1/0.png", first, "image/png")
     stored = storage.upload("image_fast", "u1/j1/0.png", second, "image/png")
 
-    uploads = [s for s in fake_api.seen if _kind(s.method, s.path) == "upload"]
+    uploads = [s for s in fake_api.seen if kind_of(s.method, s.path) == "upload"]
     assert len(uploads) == 2
     assert all(s.headers.get("x-upsert") == "true" and s.file_content_type == "image/png" for s in uploads)
     assert list(fake_api.objects) == [("image_fast", "u1/j1/0.png")], "one object: the retry overwrote it"
@@ -237,7 +76,7 @@ def test_upload_upserts_with_content_type_and_returns_signed_url(fake_api: FakeS
     assert (stored.bucket, stored.path, stored.content_type, stored.size) == (
         "image_fast", "u1/j1/0.png", "image/png", len(second))
     assert stored.url.startswith(f"{fake_api.url}/storage/v1/object/sign/image_fast/u1/j1/0.png?token=")
-    sign = [s for s in fake_api.seen if _kind(s.method, s.path) == "sign"][-1]
+    sign = [s for s in fake_api.seen if kind_of(s.method, s.path) == "sign"][-1]
     assert sign.json["expiresIn"] == "600"
     assert stored.url_expires_at is not None
     expires = datetime.fromisoformat(stored.url_expires_at)
@@ -355,7 +194,7 @@ def test_publish_path_layout_and_retry_overwrites(fake_api: FakeStorageAPI) -> N
 
 
 def test_failed_upload_publishes_nothing(fake_api: FakeStorageAPI) -> None:
-    storage = supabase_storage(fake_api, public_buckets=[], attempts=2)
+    storage = supabase_storage(fake_api, public_buckets=[], attempts=2, outage=OutagePolicy(window=0))
     ctx = JobContext(_job(uuid.uuid4()), storage, lambda *a: False, 0.0)
     fake_api.fail_always["upload"] = 500
     with pytest.raises(StorageError):
@@ -445,8 +284,9 @@ def test_worker_puts_asset_urls_in_the_result(fake_api: FakeStorageAPI, run_work
 def test_worker_retries_the_job_when_storage_keeps_failing(fake_api: FakeStorageAPI, run_worker: Any,
                                                            queue: JobQueue, sql: psycopg.Connection[Any]) -> None:
     user = _user(sql)
-    run_worker(supabase_storage(fake_api, public_buckets=[], attempts=2))
-    fake_api.fail["upload"] = [503, 503]  # the first attempt's in-process tries all fail
+    # no retry window: the first attempt's in-process tries all fail, and the job itself is retried
+    run_worker(supabase_storage(fake_api, public_buckets=[], attempts=2, outage=OutagePolicy(window=0)))
+    fake_api.fail["upload"] = [503, 503]
     job_id = queue.enqueue("simulate", {"config": {"steps": 1, "step_seconds": 0}}, user_id=user)
     row = wait_status(queue, job_id, "completed", "failed")
     assert row["status"] == "completed" and row["attempts"] == 2

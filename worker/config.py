@@ -180,6 +180,15 @@ class Settings(BaseSettings):
         default=False,
         description="Accept reference URLs on loopback/private addresses (tests and local development only).",
     )
+    storage_retry_window: float = Field(
+        default=300.0, ge=0,
+        description="Seconds a job whose outputs exist keeps retrying their upload (with backoff, keeping its "
+                    "lease) while Storage is down or failing, before the job is retried and the attempt's uploads "
+                    "removed.",
+    )
+    storage_retry_max_delay: float = Field(
+        default=10.0, gt=0, description="Longest pause between two upload tries within the storage retry window."
+    )
 
     # -- what a job may hold, and the worker's own faults --
     prepare_slots: int = Field(

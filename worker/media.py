@@ -13,7 +13,9 @@ A reference image (seed 002: `config.image` / `metadata.reference_image_url`, `c
 It must be a PNG, JPEG or WebP within the pixel limits; the size is checked from the header
 before any pixel is decoded, so a decompression bomb costs nothing. Any problem fails the job
 with INVALID_INPUT and a message a frontend can show, except transient network trouble
-(timeouts, connection errors, HTTP 5xx/429), which is NETWORK_ERROR and retried.
+(timeouts, connection errors, HTTP 5xx/429), which is NETWORK_ERROR and retried, and a storage key
+that is refused (`WorkerFault`: Supabase answers a refused key's download with 404, so a missing
+object is confirmed with `Storage.check()` before the user is blamed).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from uuid import UUID
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from worker.faults import disk_fault, disk_full
 from worker.jobs import ErrorCode, Job, JobError
 from worker.storage import ObjectNotFound, ObjectTooLarge, Storage, StorageError
 
@@ -128,6 +131,7 @@ def fetch_reference_bytes(
     try:
         return storage.download(bucket, path, max_bytes=limits.max_bytes)
     except ObjectNotFound:
+        _confirm_storage_key(storage, label)
         raise _invalid(f"{label}: {bucket}/{path} was not found") from None
     except ObjectTooLarge:
         raise _invalid(f"{label}: {bucket}/{path} is larger than {limits.max_bytes} bytes") from None
@@ -136,6 +140,18 @@ def fetch_reference_bytes(
             raise _network(f"{label}: reading {bucket}/{path} failed: {err}") from err
         raise JobError(ErrorCode.STORAGE_ERROR, f"{label}: reading {bucket}/{path} failed: {err}",
                        retryable=False) from err
+
+
+def _confirm_storage_key(storage: Storage, label: str) -> None:
+    """Supabase Storage answers a refused key's download with 404, as for a missing object: before
+    the user is blamed, one authenticated call tells them apart. WorkerFault when the key is refused."""
+    check = getattr(storage, "check", None)
+    if not callable(check):
+        return
+    try:
+        check()
+    except StorageError as err:
+        raise _network(f"{label}: storage could not confirm the reference is missing: {err}") from err
 
 
 def storage_location(source: str, user_id: UUID | str | None, default_bucket: str,
@@ -407,17 +423,22 @@ def encode_mp4(frames: Sequence[Image.Image] | Any, fps: float, *, crf: int = 18
     if width % 2 or height % 2:
         raise ValueError(f"H.264 4:2:0 needs even sizes, not {width}x{height}")
     rate = Fraction(fps).limit_denominator(1001)
-    with tempfile.TemporaryDirectory(dir=scratch_dir) as folder:
-        path = os.path.join(folder, "video.mp4")
-        with av.open(path, mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
-            stream = container.add_stream("libx264", rate=rate)
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(crf), "preset": preset}
-            for array in arrays:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
-            container.mux(stream.encode(None))  # flush the encoder's delayed frames
-        with open(path, "rb") as file:
-            return file.read()
+    try:
+        with tempfile.TemporaryDirectory(dir=scratch_dir) as folder:
+            path = os.path.join(folder, "video.mp4")
+            with av.open(path, mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
+                stream = container.add_stream("libx264", rate=rate)
+                stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+                stream.options = {"crf": str(crf), "preset": preset}
+                for array in arrays:
+                    container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+                container.mux(stream.encode(None))  # flush the encoder's delayed frames
+            with open(path, "rb") as file:
+                return file.read()
+    except OSError as err:
+        if (full := disk_full(err)) is not None:
+            raise disk_fault(full, "encoding the video") from err
+        raise
 
 
 def probe_mp4(data: bytes) -> VideoInfo:

@@ -29,7 +29,8 @@ while it runs (WAN loads its VACE/I2V pipelines on the first job that needs them
 raised when the job releases it.
 
 Out of memory during a job: the worker calls `relieve()` (gc, empty_cache, evict every idle model)
-and retries the job once; see worker.loop.
+and retries the job once; see worker.loop. A load that fails for another reason raises WorkerFault
+(scope "handler:<name>", or "disk" for a full disk; worker.faults): the job is not to blame.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ from pathlib import Path
 from typing import Any
 
 from worker.config import Settings
+from worker.faults import load_fault
 from worker.handlers.base import MODEL_LOAD_LOCK, Handler
-from worker.jobs import ErrorCode, JobError
+from worker.jobs import ErrorCode, JobError, WorkerFault
 from worker.queue import WorkerMemory
 
 log = logging.getLogger(__name__)
@@ -390,10 +392,11 @@ class MemoryManager:
             if is_oom(err):
                 free_caches()
                 raise JobError(ErrorCode.OOM_ERROR, f"out of memory loading {name} ({key}): {err}"[:2000]) from err
-            if isinstance(err, JobError):
-                raise
-            raise JobError(ErrorCode.MODEL_LOAD_ERROR, f"{name}: {type(err).__name__}: {err}"[:2000],
-                           retryable=True) from err
+            if isinstance(err, WorkerFault) or (isinstance(err, JobError) and err.code != ErrorCode.MODEL_LOAD_ERROR):
+                raise  # already the worker's, or a reason of the job's own
+            # the model cannot be loaded here (missing path, CUDA without CUDA, unreadable weights):
+            # this worker's fault, not the job's, so the job goes back for another worker
+            raise load_fault(name, key, err) from err
         seconds = time.perf_counter() - started
         index = _cuda_index()
         delta = _allocated(index) - before if index is not None else 0

@@ -7,6 +7,7 @@ directory and asset publishing. It never sees SQL or connections.
 from __future__ import annotations
 
 import importlib
+import logging
 import shutil
 import tempfile
 import threading
@@ -15,8 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from worker.faults import disk_full
 from worker.jobs import Job
-from worker.storage import Storage
+from worker.storage import Storage, StorageError, outage_policy, ride_out
+
+log = logging.getLogger(__name__)
 
 # Hold while building models (from_pretrained): accelerate/transformers/diffusers patch process-wide
 # state while they do (init_empty_weights swaps nn.Module.register_parameter), so two loads in two
@@ -93,6 +97,7 @@ class JobContext:
         self._interrupt: type[JobInterrupted] | None = None
         self._latest: tuple[int, str | None] = (0, None)
         self.assets: list[dict[str, Any]] = []
+        self._uploads: dict[tuple[str, str], None] = {}  # every object this attempt wrote or tried to, in order
         self.prepared: Any = None  # what the handler's prepare() made of the job before its model loaded
 
     # -- progress and cancellation ------------------------------------------------------
@@ -159,26 +164,81 @@ class JobContext:
     def scratch_dir(self) -> Path:
         """A private directory for this job, removed when the job ends."""
         if self._scratch is None:
-            self._scratch = Path(tempfile.mkdtemp(prefix=f"job-{self.job.id}-", dir=self._scratch_root))
+            try:
+                self._scratch = Path(tempfile.mkdtemp(prefix=f"job-{self.job.id}-", dir=self._scratch_root))
+            except OSError as err:
+                if (full := disk_full(err)) is not None:
+                    from worker.faults import disk_fault
+
+                    raise disk_fault(full, "making the job's scratch folder") from err
+                raise
         return self._scratch
 
     def cleanup(self) -> None:
+        """Remove the scratch folder (published assets stay: see discard_assets)."""
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def discard_assets(self) -> int:
+        """Remove from storage what this attempt uploaded, or tried to (an upload whose answer was
+        lost may have landed), so that a failed, canceled or retried job leaves nothing readable.
+
+        Call it while the job's lease is still held: never after JobLeaseLost, since the paths are
+        the job's own and the worker that owns it now writes the same ones. Best effort (a failure
+        is logged, never raised), idempotent; `assets` is emptied. Returns the objects it removed.
+        """
+        with self._lock:
+            targets, self._uploads = list(self._uploads), {}
+            self.assets = []
+        by_bucket: dict[str, list[str]] = {}
+        for bucket, path in targets:
+            by_bucket.setdefault(bucket, []).append(path)
+        removed = 0
+        for bucket, paths in by_bucket.items():
+            try:
+                self._storage.remove(bucket, paths)
+                removed += len(paths)
+            except Exception as err:  # cleanup must not hide the job's own outcome
+                log.warning("job %s: could not remove %d uploaded object(s) from %s: %s", self.job.id, len(paths),
+                            bucket, err)
+        return removed
 
     def publish(self, data: bytes, *, ext: str, content_type: str, index: int | None = None,
                 **metadata: Any) -> dict[str, Any]:
         """Upload one asset to the job type's bucket at {user_id}/{job_id}/{index}.{ext}.
 
         The path depends only on the job and the index, so a retried job overwrites its
-        earlier upload instead of adding a second copy.
+        earlier upload instead of adding a second copy. While Storage is down or failing, only
+        the upload is retried, with backoff, for the storage retry window (the job keeps its
+        lease, and a cancel still stops it); past the window, or on a failure retrying cannot
+        fix, StorageError is raised and this attempt's uploads are removed. A refused key raises
+        WorkerFault (the worker's fault: the job goes back to the queue).
         """
         self.check()
         index = len(self.assets) if index is None else index
         info = self.job.type_info
         bucket = (info.bucket if info and info.bucket else None) or self.job.job_type
         owner = str(self.job.user_id) if self.job.user_id else "service"
-        stored = self._storage.upload(bucket, f"{owner}/{self.job.id}/{index}.{ext}", data, content_type)
+        path = f"{owner}/{self.job.id}/{index}.{ext}"
+        with self._lock:
+            self._uploads[(bucket, path)] = None
+        before = self._latest
+        waited = False
+
+        def waiting(error: BaseException) -> None:
+            nonlocal waited
+            waited = True
+            self.progress(before[0] / 100, "waiting for storage")
+
+        try:
+            stored = ride_out(lambda: self._storage.upload(bucket, path, data, content_type),
+                              outage_policy(self._storage), check=self.check, on_wait=waiting,
+                              what=f"job {self.job.id}: upload of {bucket}/{path}")
+        except (StorageError, JobCanceled):
+            self.discard_assets()
+            raise
+        if waited:
+            self.progress(before[0] / 100, before[1])
         asset = {**stored.to_json(), "index": index, **metadata}
         self.assets.append(asset)
         return asset
