@@ -1,4 +1,4 @@
-"""/health, /status and /metrics over real HTTP, for a real worker on a real Postgres."""
+"""/livez, /readyz, /health, /status and /metrics over real HTTP, for a real worker on a real Postgres."""
 
 from __future__ import annotations
 
@@ -92,6 +92,12 @@ def unhealthy(base: str, check: str) -> dict[str, Any] | None:
     return body if code == 503 and check in body["failing"] else None
 
 
+def probe(base: str, path: str, code: int, *failing: str) -> dict[str, Any] | None:
+    """The body of /livez or /readyz once it answers `code` with (at least) these checks failing."""
+    got, body = get_json(f"{base}{path}")
+    return body if got == code and set(failing) <= set(body["failing"]) else None
+
+
 @pytest.fixture
 def serve() -> Iterator[Callable[..., HealthServer]]:
     servers: list[HealthServer] = []
@@ -117,6 +123,11 @@ def test_health_status_and_metrics_of_a_working_worker(queue: JobQueue, start_wo
     assert body["worker_id"] == worker.worker.id and body["architecture"] == "pure_inference_engine"
     assert all(check["ok"] for check in body["checks"].values())
     assert set(body["checks"]) == {"loop", "database", "lease_keeper"}
+    code, live = get_json(f"{base}/livez")
+    assert code == 200 and live["status"] == "alive" and set(live["checks"]) == {"loop", "lease_keeper"}
+    code, ready = get_json(f"{base}/readyz")
+    assert code == 200 and ready["status"] == "ready" and ready["faults"] == {} and ready["failing"] == []
+    assert set(ready["checks"]) == {"loop", "database", "lease_keeper", "faults"}
 
     job_id = queue.enqueue("gate", {"prompt": "held"})
     assert gate.reached.wait(15)
@@ -177,7 +188,7 @@ def test_health_status_and_metrics_of_a_working_worker(queue: JobQueue, start_wo
         "jobs_claimed": 6, "jobs_completed": 4, "jobs_failed": 1, "jobs_retried": 1, "jobs_canceled": 0,
         "jobs_lost": 0, "jobs_released": 0, "success_rate": 80.0}
     code, body = get_json(f"{base}/nowhere")
-    assert code == 404 and "/health" in body["endpoints"]
+    assert code == 404 and {"/livez", "/readyz", "/health"} <= set(body["endpoints"])
 
 
 def test_health_is_503_while_the_database_refuses_connections(
@@ -197,11 +208,18 @@ def test_health_is_503_while_the_database_refuses_connections(
         # leases would run out: the lease keeper cannot beat either
         body = wait_for(lambda: unhealthy(base, "lease_keeper"), timeout=30)
         assert "no heartbeat" in body["checks"]["lease_keeper"]["detail"]
+        # ... which is the database's doing: not ready, but alive (a restart would not help)
+        ready = probe(base, "/readyz", 503, "database", "lease_keeper")
+        assert ready is not None and ready["status"] == "not_ready"
+        code, live = get_json(f"{base}/livez")
+        assert code == 200 and live["status"] == "alive", live
+        assert "database" in live["checks"]["lease_keeper"]["detail"]
     finally:
         admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         admin.close()
     body = wait_for(lambda: healthy(base), timeout=60)
     assert body["checks"]["database"]["ok"] and body["checks"]["lease_keeper"]["ok"]
+    assert wait_for(lambda: probe(base, "/readyz", 200))["status"] == "ready"
 
 
 def test_health_is_503_until_the_worker_runs(settings: Settings, serve) -> None:
@@ -211,6 +229,8 @@ def test_health_is_503_until_the_worker_runs(settings: Settings, serve) -> None:
         code, body = get_json(f"{base}/health")
         assert code == 503 and body["state"] == "starting" and body["failing"] == ["loop", "lease_keeper"]
         assert body["checks"]["loop"]["detail"] == "not started" and body["checks"]["database"]["ok"]
+        assert get_json(f"{base}/livez")[0] == 200, "starting (registering may wait for the database) is alive"
+        assert probe(base, "/readyz", 503, "loop", "lease_keeper") is not None
     finally:
         worker.worker.pool.close()
 
@@ -232,6 +252,7 @@ def test_health_is_503_once_the_main_loop_died(queue: JobQueue, start_worker, se
     assert code == 503 and body["status"] == "unhealthy" and body["state"] == "stopped"
     assert {"loop", "lease_keeper", "database"} <= set(body["failing"])
     assert body["checks"]["loop"]["detail"] == "stopped"
+    assert probe(base, "/livez", 503, "loop", "lease_keeper") is not None
     code, status = get_json(f"{base}/status")
     assert code == 200 and status["state"] == "stopped"
     assert sample(samples(base), "ourvidz_worker_state", state="stopped") == 1
@@ -253,10 +274,51 @@ def test_health_is_503_while_the_main_loop_is_stuck(queue: JobQueue, start_worke
         job_id = queue.enqueue("simulate", {"config": {"steps": 1, "step_seconds": 0}})
         body = wait_for(lambda: unhealthy(base, "loop"))
         assert body["failing"] == ["loop"] and "no iteration" in body["checks"]["loop"]["detail"]
+        live = probe(base, "/livez", 503, "loop")
+        assert live is not None and live["failing"] == ["loop"]
     finally:
         unstuck.set()
     wait_status(queue, job_id, "completed")
     assert wait_for(lambda: healthy(base))["checks"]["loop"]["ok"]
+
+
+def test_readyz_names_the_workers_own_faults_until_they_clear(start_worker, serve) -> None:
+    worker = start_worker({"simulate": SimulateHandler()}, fault_retry_seconds=3.0)
+    base = serve(worker, db_cache_seconds=0.0).url
+    wait_for(lambda: probe(base, "/readyz", 200))
+    reason = "Supabase Storage refused the service role key (403)"
+    worker.worker.add_faults({"storage": reason})  # what the loop records for a refused key
+    body = probe(base, "/readyz", 503, "faults")
+    assert body is not None, "a fault of the worker's own must make it not ready"
+    assert body["faults"] == {"storage": reason} and body["failing"] == ["faults"]
+    assert reason in body["checks"]["faults"]["detail"]
+    assert get_json(f"{base}/livez")[0] == 200 and healthy(base) is not None  # alive, and /health as it was
+    assert sample(samples(base), "ourvidz_worker_fault", scope="storage") == 1
+    # the retry time comes, the storage check passes, the fault clears
+    assert wait_for(lambda: probe(base, "/readyz", 200))["faults"] == {}
+    assert sample(samples(base), "ourvidz_worker_fault", scope="storage") is None
+
+
+def test_livez_fails_when_the_lease_keeper_hangs_while_the_database_answers(start_worker, serve) -> None:
+    worker = start_worker({"simulate": SimulateHandler()})  # lease 3 s
+    base = serve(worker, db_cache_seconds=0.0).url
+    wait_for(lambda: probe(base, "/livez", 200))
+    release = threading.Event()
+    heartbeat = worker.worker.queue.heartbeat
+
+    def hanging_heartbeat(*args: Any, **kwargs: Any) -> Any:
+        release.wait(60)  # a keeper stuck in a call that never returns, the database fine
+        return heartbeat(*args, **kwargs)
+
+    worker.worker.queue.heartbeat = hanging_heartbeat  # type: ignore[method-assign]
+    try:
+        body = wait_for(lambda: probe(base, "/livez", 503, "lease_keeper"), timeout=30)
+        assert "while the database answers" in body["checks"]["lease_keeper"]["detail"]
+        assert body["checks"]["loop"]["ok"] is True
+    finally:
+        release.set()
+        worker.worker.queue.heartbeat = heartbeat  # type: ignore[method-assign]
+    wait_for(lambda: probe(base, "/livez", 200))
 
 
 def test_database_probe_answers_within_its_timeout_and_caches(database_url: str) -> None:

@@ -1,8 +1,14 @@
 """HTTP health, status and metrics of one running worker (`ourvidz-worker run --health-port N`).
 
+- `GET /livez`: 200 while the main loop iterates and the lease keeper goes round, 503 when either
+  died or hangs: what a restart fixes. A database outage never fails it (the keeper's beats fail
+  then, which the database is to blame for), so an outage does not restart every GPU pod.
+- `GET /readyz`: 200 while the worker can take jobs: the database answers, the loop and the lease
+  keeper beat, and the worker has no fault of its own (`Worker.faults`: storage refused, a model
+  that cannot load here, ...); 503 with the reasons otherwise.
 - `GET /health`: 200 `{"status": "healthy", ...}` while the main loop iterates, the database
-  answers and the lease keeper beats; 503 with the failing checks otherwise. For liveness and
-  readiness probes; the database check is cached for about a second so probes cannot hammer it.
+  answers and the lease keeper beats; 503 with the failing checks otherwise (the seeds' shape).
+  The database check is cached for about a second so probes cannot hammer it.
 - `GET /status`: what the worker is doing (the fields of the seeds' `/status` and
   `/memory/status`): id, queues, state, current jobs with progress and stage, loaded models,
   memory, job counts, uptime, version.
@@ -20,27 +26,30 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CONTENT_TYPE_LATEST
 from psycopg_pool import ConnectionPool
 
-from worker.loop import VERSION, Running, Worker
+from worker.loop import VERSION, Worker
+from worker.metrics import (
+    ARCHITECTURE,
+    WorkerMetrics,
+    current_jobs,
+    loaded_models,
+    memory_snapshot,
+    running_entries,
+    worker_faults,
+    worker_state,
+)
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURE = "pure_inference_engine"  # seed 001: prompts run as given, never rewritten by the worker
-STATES = ("starting", "idle", "busy", "draining", "stopped")
-PRESSURE_LEVELS = ("low", "medium", "high", "critical")
-RUN_SECONDS_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, math.inf)
-WAIT_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, math.inf)
+ENDPOINTS = ("/livez", "/readyz", "/health", "/status", "/metrics")
 
 
 @dataclass(frozen=True)
@@ -95,187 +104,11 @@ class DatabaseProbe:
         self._answer = Check(True, f"answered in {(time.monotonic() - started) * 1000:.0f} ms")
 
 
-# --- reading the worker --------------------------------------------------------------------
-
-
-def worker_state(worker: Worker) -> str:
-    """starting | idle | busy | draining | stopped, as this process sees it (the workers row lags a beat)."""
-    if worker._done.is_set():
-        return "stopped"
-    if worker.last_loop_at is None:
-        return "starting"
-    if worker._stop.is_set():
-        return "draining"
-    return "busy" if worker._running else "idle"
-
-
-def _running(worker: Worker) -> list[Running]:
-    with worker._running_lock:
-        return list(worker._running.values())
-
-
-def current_jobs(worker: Worker) -> list[dict[str, Any]]:
-    now = time.monotonic()
-    jobs = []
-    for entry in _running(worker):
-        progress, stage = entry.ctx.last_progress
-        job = entry.job
-        jobs.append({
-            "job_id": str(job.id),
-            "job_type": job.job_type,
-            "queue": job.queue,
-            "progress": progress,
-            "stage": stage,
-            "attempt": job.attempts,
-            "max_attempts": job.max_attempts,
-            "priority": job.priority,
-            "started_at": job.started_at.isoformat() if job.started_at else None,
-            "running_seconds": round(now - entry.started, 3),
-            "cancel_pending": entry.ctx.cancelled,
-        })
-    return jobs
-
-
-def loaded_models(worker: Worker) -> list[str]:
-    """Handlers whose model is resident (the worker's memory manager)."""
-    return worker.memory.loaded_names()
-
-
-def memory_snapshot(worker: Worker) -> dict[str, Any]:
-    """The memory manager's status (device, resident models, used/total/budget bytes, pressure, loads and
-    evictions; vram_* None off a GPU) and the process's resident memory."""
-    try:
-        status = worker.memory.status()
-    except Exception as err:  # a status page must not fail because of one device query
-        log.warning("memory status failed: %s", err)
-        status = {"device": None, "models": [], "pressure": None, "error": f"{type(err).__name__}: {err}"}
-    return {**status, "ram_rss_bytes": _rss_bytes()}
-
-
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-# --- metrics -------------------------------------------------------------------------------
-
-
-class WorkerMetrics:
-    """A registry of one worker: counters and histograms fed as jobs finish, gauges read at scrape."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.jobs_finished = Counter(
-            "ourvidz_jobs_finished", "Job attempts this worker ended, by job type and outcome "
-            "(completed, failed, canceled, retried, lost).",
-            ["job_type", "outcome"], registry=self.registry,
-        )
-        self.queue_wait = Histogram(
-            "ourvidz_job_queue_wait_seconds", "From a job becoming due (run_at) to this worker claiming it.",
-            ["job_type"], buckets=WAIT_SECONDS_BUCKETS, registry=self.registry,
-        )
-        self.run_time = Histogram(
-            "ourvidz_job_run_seconds", "From claim to outcome of one attempt, by job type and outcome.",
-            ["job_type", "outcome"], buckets=RUN_SECONDS_BUCKETS, registry=self.registry,
-        )
-        self.registry.register(_WorkerCollector(worker))
-        self._chained = worker.on_finish
-        worker.on_finish = self.observe
-
-    def observe(self, entry: Running, outcome: str) -> None:
-        try:
-            job = entry.job
-            self.jobs_finished.labels(job.job_type, outcome).inc()
-            self.run_time.labels(job.job_type, outcome).observe(max(0.0, time.monotonic() - entry.started))
-            if job.started_at is not None:
-                self.queue_wait.labels(job.job_type).observe(max(0.0, (job.started_at - job.run_at).total_seconds()))
-        except Exception:  # called from the worker's main loop, which metrics must never stop
-            log.exception("metrics: observing job %s failed", entry.job.id)
-        if self._chained is not None:
-            self._chained(entry, outcome)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
-
-
-class _WorkerCollector(Collector):
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-
-    def describe(self) -> list[Metric]:
-        return []  # values come from the live worker at scrape time
-
-    def collect(self) -> Iterator[Metric]:
-        w = self.worker
-        now = time.monotonic()
-        info = InfoMetricFamily("ourvidz_worker", "The worker's identity.")
-        info.add_metric([], {"worker_id": w.id, "version": VERSION, "architecture": ARCHITECTURE,
-                             "host": socket.gethostname()})
-        yield info
-        state = worker_state(w)
-        states = GaugeMetricFamily("ourvidz_worker_state", "1 for the state the worker is in.", labels=["state"])
-        for name in STATES:
-            states.add_metric([name], 1.0 if name == state else 0.0)
-        yield states
-        yield GaugeMetricFamily("ourvidz_worker_uptime_seconds", "Seconds since the worker started.",
-                                value=max(0.0, time.time() - w.started_at))
-        yield CounterMetricFamily("ourvidz_jobs_claimed", "Job attempts this worker claimed.", value=w.stats.claimed)
-        yield CounterMetricFamily("ourvidz_jobs_released", "Running jobs given back to the queue at shutdown.",
-                                  value=w.stats.released)
-        running = GaugeMetricFamily("ourvidz_jobs_running", "Jobs running now, by job type.", labels=["job_type"])
-        counts = dict.fromkeys(w._served, 0)
-        for entry in _running(w):
-            counts[entry.job.job_type] = counts.get(entry.job.job_type, 0) + 1
-        for job_type, count in sorted(counts.items()):
-            running.add_metric([job_type], count)
-        yield running
-        yield GaugeMetricFamily("ourvidz_worker_concurrency", "Jobs the worker runs at once at most.",
-                                value=w.settings.concurrency)
-        yield GaugeMetricFamily("ourvidz_worker_listening", "1 while LISTEN/NOTIFY works, 0 while polling.",
-                                value=1.0 if w._listening.is_set() else 0.0)
-        if w.last_beat_at is not None:
-            yield GaugeMetricFamily("ourvidz_worker_heartbeat_age_seconds",
-                                    "Seconds since the last successful heartbeat (leases, workers row).",
-                                    value=now - w.last_beat_at)
-        if w.last_loop_at is not None:
-            yield GaugeMetricFamily("ourvidz_worker_loop_age_seconds",
-                                    "Seconds since the main loop's last iteration.", value=now - w.last_loop_at)
-        yield GaugeMetricFamily("ourvidz_models_loaded", "Models resident in this worker.",
-                                value=len(loaded_models(w)))
-        memory = memory_snapshot(w)
-        for key, name, text in (
-            ("vram_used_bytes", "ourvidz_vram_used_bytes", "Device memory in use."),
-            ("vram_total_bytes", "ourvidz_vram_total_bytes", "Device memory in all."),
-            ("used_bytes", "ourvidz_memory_used_bytes", "Memory counted against the model budget."),
-            ("budget_bytes", "ourvidz_memory_budget_bytes", "Memory the loaded models may fill."),
-            ("ram_rss_bytes", "ourvidz_process_resident_bytes", "Resident memory of the worker process."),
-        ):
-            if memory.get(key) is not None:
-                yield GaugeMetricFamily(name, text, value=memory[key])
-        for key, name, text in (
-            ("loads", "ourvidz_model_loads", "Model loads by the memory manager."),
-            ("evictions", "ourvidz_model_evictions", "Models evicted to make room or after out of memory."),
-            ("oom_relieved", "ourvidz_oom_relieved", "Out-of-memory errors relieved by evicting idle models."),
-        ):
-            if isinstance(memory.get(key), int):
-                yield CounterMetricFamily(name, text, value=memory[key])
-        if memory.get("pressure") in PRESSURE_LEVELS:
-            pressure = GaugeMetricFamily("ourvidz_memory_pressure", "1 for the current memory pressure level.",
-                                         labels=["level"])
-            for level in PRESSURE_LEVELS:
-                pressure.add_metric([level], 1.0 if level == memory["pressure"] else 0.0)
-            yield pressure
-
-
 # --- the server ------------------------------------------------------------------------------
 
 
 class HealthServer:
-    """Serves /health, /status and /metrics for one worker from a daemon thread.
+    """Serves /livez, /readyz, /health, /status and /metrics for one worker from a daemon thread.
 
     `loop_grace`: seconds beyond its longest legitimate sleep (the poll interval) after which a
     main loop that has not iterated counts as stuck.
@@ -302,7 +135,7 @@ class HealthServer:
 
     def start(self) -> HealthServer:
         self._thread.start()
-        log.info("health server on port %d: /health /status /metrics", self.port)
+        log.info("health server on port %d: %s", self.port, " ".join(ENDPOINTS))
         return self
 
     def stop(self) -> None:
@@ -321,6 +154,33 @@ class HealthServer:
     def checks(self) -> dict[str, Check]:
         return {"loop": self._loop_check(), "database": self.database.check(), "lease_keeper": self._beat_check()}
 
+    def livez(self) -> tuple[int, dict[str, Any]]:
+        checks = {"loop": self._loop_check(starting_ok=True), "lease_keeper": self._keeper_alive_check()}
+        failing = [name for name, check in checks.items() if not check.ok]
+        return (503 if failing else 200), {
+            "status": "dead" if failing else "alive",
+            **self._identity(),
+            "checks": {name: check.to_json() for name, check in checks.items()},
+            "failing": failing,
+        }
+
+    def readyz(self) -> tuple[int, dict[str, Any]]:
+        faults = worker_faults(self.worker)
+        checks = {**self.checks(), "faults": Check(not faults, "; ".join(f"{scope}: {reason}" for scope, reason
+                                                                         in sorted(faults.items())) or "none")}
+        failing = [name for name, check in checks.items() if not check.ok]
+        return (503 if failing else 200), {
+            "status": "not_ready" if failing else "ready",
+            **self._identity(),
+            "checks": {name: check.to_json() for name, check in checks.items()},
+            "failing": failing,
+            "faults": faults,
+        }
+
+    def _identity(self) -> dict[str, Any]:
+        w = self.worker
+        return {"worker_id": w.id, "state": worker_state(w), "version": VERSION}
+
     def health(self) -> tuple[int, dict[str, Any]]:
         checks = self.checks()
         failing = [name for name, check in checks.items() if not check.ok]
@@ -331,7 +191,7 @@ class HealthServer:
             "state": worker_state(w),
             "architecture": ARCHITECTURE,
             "version": VERSION,
-            "active_jobs": len(_running(w)),
+            "active_jobs": len(running_entries(w)),
             "model_loaded": bool(loaded_models(w)),
             "uptime": round(time.time() - w.started_at, 3),
             "checks": {name: check.to_json() for name, check in checks.items()},
@@ -358,6 +218,7 @@ class HealthServer:
             "job_types": sorted(served),
             "concurrency": w.settings.concurrency,
             "listening": w._listening.is_set(),
+            "faults": worker_faults(w),
             "current_jobs": current_jobs(w),
             "loaded_models": loaded,
             "models": {name: "loaded" if name in loaded else "unloaded" for name in sorted(w.handlers)},
@@ -378,12 +239,12 @@ class HealthServer:
             "loop_age": _age(w.last_loop_at),
         }
 
-    def _loop_check(self) -> Check:
+    def _loop_check(self, starting_ok: bool = False) -> Check:
         w = self.worker
         if w._done.is_set():
             return Check(False, "stopped")
-        if w.last_loop_at is None:
-            return Check(False, "not started")
+        if w.last_loop_at is None:  # registering needs the database: an outage may hold a worker here
+            return Check(starting_ok, "starting" if starting_ok else "not started")
         age = time.monotonic() - w.last_loop_at
         settings = w.settings
         if w._stop.is_set():  # the loop has left for shutdown, which waits up to the grace for running jobs
@@ -408,6 +269,23 @@ class HealthServer:
         return Check(True, f"last heartbeat {age:.1f}s ago")
 
 
+    def _keeper_alive_check(self) -> Check:
+        """The lease keeper goes round: it beat within a lease, or its beats fail because the
+        database does not answer (it says so itself, or the probe does)."""
+        w = self.worker
+        beat = self._beat_check()
+        if beat.ok or w._done.is_set():
+            return beat
+        if w.last_beat_at is None:
+            return Check(True, "starting")
+        if getattr(w, "_connected_since", 0) is None:
+            return Check(True, f"{beat.detail}: its heartbeats fail, the database does not answer")
+        database = self.database.check()
+        if not database.ok:
+            return Check(True, f"{beat.detail}: the database does not answer ({database.detail})")
+        return Check(False, f"{beat.detail} while the database answers")
+
+
 def _age(mark: float | None) -> float | None:
     return None if mark is None else round(time.monotonic() - mark, 3)
 
@@ -430,7 +308,11 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path.rstrip("/") or "/"
         health = self.server.health
         try:
-            if path == "/health":
+            if path == "/livez":
+                self._json(*health.livez())
+            elif path == "/readyz":
+                self._json(*health.readyz())
+            elif path == "/health":
                 code, body = health.health()
                 self._json(code, body)
             elif path == "/status":
@@ -438,7 +320,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/metrics":
                 self._send(200, health.metrics.render(), CONTENT_TYPE_LATEST)
             else:
-                self._json(404, {"error": f"no such endpoint {path}", "endpoints": ["/health", "/status", "/metrics"]})
+                self._json(404, {"error": f"no such endpoint {path}", "endpoints": list(ENDPOINTS)})
         except Exception as err:
             log.exception("health server: %s failed", path)
             self._json(500, {"error": f"{type(err).__name__}: {err}"})
