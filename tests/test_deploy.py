@@ -5,6 +5,7 @@ schema to show that it is valid and follows the backlog."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import yaml
 
 from worker import db
 from worker.cli import app
+from worker.health import ENDPOINTS as HEALTH_ENDPOINTS
 from worker.queue import JobQueue
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -127,10 +129,27 @@ def test_k8s_example_is_consistent(manifests, docker):
     assert [s["secretRef"]["name"] for s in container["envFrom"]] == [secret["metadata"]["name"]]
     assert {"DATABASE_URL", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY"} <= set(secret["stringData"])
     assert ":5432/" in secret["stringData"]["DATABASE_URL"], "a LISTENing worker needs session mode or direct"
-    probe_port = container["livenessProbe"]["httpGet"]["port"]
-    [port] = [p for p in container["ports"] if p["name"] == probe_port]
-    assert port["containerPort"] == params["health_port"]
-    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    # Liveness restarts only what a restart fixes (/livez never fails for a database outage);
+    # readiness also needs the database and no fault of the worker's own.
+    probes = {name: container[name]["httpGet"] for name in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert {name: probe["path"] for name, probe in probes.items()} == {
+        "startupProbe": "/livez", "livenessProbe": "/livez", "readinessProbe": "/readyz"}
+    assert {probe["path"] for probe in probes.values()} <= set(HEALTH_ENDPOINTS)
+    for probe in probes.values():
+        [port] = [p for p in container["ports"] if p["name"] == probe["port"]]
+        assert port["containerPort"] == params["health_port"]
+
+    # KEDA owns the replica count of the Deployment it scales.
+    assert "replicas" not in deployment["spec"]
+    resources = container["resources"]
+    requests, limits = resources["requests"], resources["limits"]
+    assert {"cpu", "memory", "nvidia.com/gpu", "ephemeral-storage"} <= set(requests)
+    assert requests["nvidia.com/gpu"] == limits["nvidia.com/gpu"], "extended resources: request equals limit"
+    for name in ("memory", "ephemeral-storage"):
+        assert quantity(requests[name]) <= quantity(limits[name]), name
+    [models] = [v for v in pod["volumes"] if v["name"] == "models"]
+    assert quantity(models["emptyDir"]["sizeLimit"]) <= quantity(limits["ephemeral-storage"]), \
+        "the model cache counts against the pod's ephemeral storage: a fuller one gets the pod evicted"
 
     [trigger] = scaled["spec"]["triggers"]
     assert trigger["type"] == "postgresql"
@@ -143,6 +162,15 @@ def test_k8s_example_is_consistent(manifests, docker):
     assert float(meta["targetQueryValue"]) > 0 and float(meta["activationTargetQueryValue"]) >= 0
     assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata values are strings"
     assert 0 <= scaled["spec"]["minReplicaCount"] < scaled["spec"]["maxReplicaCount"]
+
+
+def quantity(value: str | int) -> float:
+    """A Kubernetes quantity (4, 500m, 32Gi, 1G) as a number."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(m|Ki|Mi|Gi|Ti|K|M|G|T)?", str(value))
+    assert match, f"not a quantity: {value!r}"
+    scale = {None: 1, "m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+             "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[match.group(2)]
+    return float(match.group(1)) * scale
 
 
 def keda_query(manifests: dict[str, dict[str, Any]]) -> str:
