@@ -1,6 +1,7 @@
-"""`ourvidz-worker run --gpus`: the real CLI in real processes, on CPU. No GPU is needed: the
-supervisor only sets CUDA_VISIBLE_DEVICES, and each child shows what it got through
-/proc/<pid>/environ and through the jobs it runs (tests.support:EnvProbeHandler)."""
+"""`ourvidz-worker run --gpus`: the real CLI in real processes, on CPU. No GPU is needed (a stand-in
+nvidia-smi lists two for the check that refuses GPUs a machine lacks): the supervisor only sets
+CUDA_VISIBLE_DEVICES, and each child shows what it got through /proc/<pid>/environ and through the
+jobs it runs (tests.support:EnvProbeHandler)."""
 
 from __future__ import annotations
 
@@ -86,9 +87,14 @@ class Fleet:
         self.log = tmp_path / "supervisor.log"
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("OURVIDZ_", "SUPABASE_", "CUDA_")) and k != "DATABASE_URL"}
+        # `run --gpus` refuses GPUs the machine lacks: a stand-in nvidia-smi lists two
+        smi = tmp_path / "bin" / "nvidia-smi"
+        smi.parent.mkdir(exist_ok=True)
+        smi.write_text("#!/bin/sh\necho 'GPU 0: Stand-in (UUID: GPU-0)'\necho 'GPU 1: Stand-in (UUID: GPU-1)'\n")
+        smi.chmod(0o755)
         self.env.update(DATABASE_URL=database_url, OURVIDZ_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1",
                         PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
-                        COLUMNS="200")
+                        COLUMNS="200", PATH=os.pathsep.join((str(smi.parent), os.environ.get("PATH", ""))))
         self.proc: subprocess.Popen[bytes] | None = None
         self.child_pids: set[int] = set()
 

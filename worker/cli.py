@@ -106,7 +106,14 @@ def run(
         from worker.supervisor import supervise
 
         raise typer.Exit(supervise(gpus, settings, ctx))
-    worker = Worker(settings, handlers, make_storage(settings), database_url=url, max_jobs=max_jobs)
+    from worker.preflight import PreflightError, preflight
+
+    try:  # check before claiming: one sentence and a non-zero exit for what cannot work here
+        storage, faults = preflight(settings, handlers, url, make_storage(settings))
+    except (PreflightError, ValueError) as err:
+        _fail(getattr(err, "message", str(err)), getattr(err, "code", 2))
+    worker = Worker(settings, handlers, storage, database_url=url, max_jobs=max_jobs)
+    worker.add_faults(faults)  # what only part of the work suffers from: those scopes start closed
     server = _health_server(worker, settings)
     try:
         stats = worker.run()

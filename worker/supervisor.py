@@ -303,7 +303,9 @@ def _die_with_parent(parent: int) -> Any:
 
 def supervise(spec: str, settings: Settings, ctx: typer.Context) -> int:
     """Entry point of `run --gpus`: the children get this command line's options."""
-    gpus = parse_gpus(spec)
+    from worker.preflight import check_gpus
+
+    gpus = check_gpus(parse_gpus(spec), spec)  # GPUs this machine has, or one sentence why not
     args, ports = passthrough(ctx, ("gpus", "worker_id"), settings)
     return Supervisor(gpus, args, settings.resolved_worker_id, ports,
                       kill_after=settings.shutdown_grace + 60).run()
