@@ -274,19 +274,28 @@ LIST_JOB_TYPES = "SELECT * FROM public.job_types ORDER BY queue, name"
 
 # -- upsert_job_type -- register a type served by a custom handler.
 UPSERT_JOB_TYPE = """
-INSERT INTO public.job_types (name, queue, handler, defaults, max_attempts, content_type, bucket,
-                              file_extension, expected_seconds, description)
-VALUES (%(name)s, %(queue)s, %(handler)s, %(defaults)s, %(max_attempts)s, %(content_type)s,
-        %(bucket)s, %(file_extension)s, %(expected_seconds)s, %(description)s)
+INSERT INTO public.job_types AS t (name, queue, handler, defaults, max_attempts, content_type, bucket,
+                                   file_extension, expected_seconds, description, enabled)
+SELECT %(name)s, coalesce(%(queue)s, old.queue), coalesce(%(handler)s, old.handler),
+       coalesce(%(defaults)s, old.defaults, '{}'), coalesce(%(max_attempts)s, old.max_attempts, 3),
+       coalesce(%(content_type)s, old.content_type), coalesce(%(bucket)s, old.bucket),
+       coalesce(%(file_extension)s, old.file_extension), coalesce(%(expected_seconds)s, old.expected_seconds),
+       coalesce(%(description)s, old.description), coalesce(%(enabled)s, old.enabled, true)
+FROM (SELECT) AS one LEFT JOIN public.job_types AS old ON old.name = %(name)s
 ON CONFLICT (name) DO UPDATE
-SET queue = excluded.queue, handler = excluded.handler, defaults = excluded.defaults,
-    max_attempts = excluded.max_attempts, content_type = excluded.content_type,
-    bucket = excluded.bucket, file_extension = excluded.file_extension,
-    expected_seconds = excluded.expected_seconds, description = excluded.description,
-    enabled = true, updated_at = now()
+SET queue = coalesce(%(queue)s, t.queue), handler = coalesce(%(handler)s, t.handler),
+    defaults = coalesce(%(defaults)s, t.defaults), max_attempts = coalesce(%(max_attempts)s, t.max_attempts),
+    content_type = coalesce(%(content_type)s, t.content_type), bucket = coalesce(%(bucket)s, t.bucket),
+    file_extension = coalesce(%(file_extension)s, t.file_extension),
+    expected_seconds = coalesce(%(expected_seconds)s, t.expected_seconds),
+    description = coalesce(%(description)s, t.description), enabled = coalesce(%(enabled)s, t.enabled),
+    updated_at = now()
+RETURNING t.*, (t.xmax = 0) AS created
 """
 
 
+# A NULL parameter keeps the existing row's value (a new row: the column default). NOT NULL is
+# checked on the proposed row before the conflict is seen, hence the old values in VALUES too.
 def _db_retry(fn: Callable[P, R]) -> Callable[P, R]:
     """Transient database errors (restart, failover) are retried in-process for a while."""
     return retry(
@@ -502,13 +511,23 @@ class JobQueue:
     def list_job_types(self) -> list[dict[str, Any]]:
         return self._execute(LIST_JOB_TYPES, {})
 
-    def upsert_job_type(self, name: str, queue: str, handler: str, *, defaults: dict[str, Any] | None = None,
-                        max_attempts: int = 3, content_type: str | None = None, bucket: str | None = None,
+    def upsert_job_type(self, name: str, queue: str | None = None, handler: str | None = None, *,
+                        defaults: dict[str, Any] | None = None, max_attempts: int | None = None,
+                        content_type: str | None = None, bucket: str | None = None,
                         file_extension: str | None = None, expected_seconds: int | None = None,
-                        description: str | None = None) -> None:
-        self._execute(UPSERT_JOB_TYPE, {
-            "name": name, "queue": queue, "handler": handler, "defaults": Jsonb(defaults or {}),
-            "max_attempts": max_attempts, "content_type": content_type, "bucket": bucket,
-            "file_extension": file_extension, "expected_seconds": expected_seconds,
-            "description": description,
-        })
+                        description: str | None = None, enabled: bool | None = None) -> dict[str, Any]:
+        """Create a job type, or change only the given fields of an existing one (None: keep).
+        Returns the row, with `created`. A new type needs a queue and a handler (ValueError)."""
+        from psycopg.errors import NotNullViolation
+
+        try:
+            [row] = self._execute(UPSERT_JOB_TYPE, {
+                "name": name, "queue": queue, "handler": handler,
+                "defaults": Jsonb(defaults) if defaults is not None else None,
+                "max_attempts": max_attempts, "content_type": content_type, "bucket": bucket,
+                "file_extension": file_extension, "expected_seconds": expected_seconds,
+                "description": description, "enabled": enabled,
+            })
+        except NotNullViolation as err:
+            raise ValueError(f"job type {name!r} does not exist yet: a new one needs a queue and a handler") from err
+        return row
