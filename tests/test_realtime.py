@@ -256,6 +256,7 @@ def test_each_change_of_an_owned_job_is_broadcast_to_its_private_topic(
     sql: psycopg.Connection[dict[str, Any]], queue: JobQueue, start_worker: Callable[..., Any],
 ) -> None:
     owner, other = _user(sql), _user(sql)
+    sql.execute("update public.job_types set users_may_submit = true where name = 'simulate'")  # opened to users
     # Inserted as a frontend does, through the owner's own session.
     inserted = _as_user(sql, owner, "INSERT INTO public.jobs (job_type, payload) VALUES ('simulate', %s) RETURNING id",
                         (Jsonb({"prompt": "watch me", "config": {"steps": 4, "step_seconds": 0.05}}),), commit=True)

@@ -163,6 +163,9 @@ def _world(url: str) -> Iterator[World]:
         alice, bob = _new_user(sql, "alice@example.com"), _new_user(sql, "bob@example.com")
         sql.execute("insert into public.job_types (name, queue, handler, enabled)"
                     " values ('retired', 'demo', 'simulate', false)")
+        # simulate is service-only by default (tests/test_hostile.py); this deployment opens it to users,
+        # as an operator may, so the attacks below need no model
+        sql.execute("update public.job_types set users_may_submit = true where name = 'simulate'")
         world = World(
             url=url, sql=sql, api=api, alice=alice, bob=bob,
             alice_queued=_insert_job(sql, alice, "queued"),
@@ -269,12 +272,12 @@ ATTACKS = [
            "insert into public.jobs (job_type, payload) values ('video_ultra', '{{}}') returning id", "OVTYP"),
     Attack("insert a disabled job type",
            "insert into public.jobs (job_type, payload) values ('retired', '{{}}') returning id", "OVTYP"),
-    Attack("escalate priority", "insert into public.jobs (job_type, payload, priority) values ('simulate', '{{}}', 11)",
+    Attack("escalate priority", "insert into public.jobs (job_type, payload, priority) values ('simulate', '{{}}', 1)",
            "OVQTA"),
     Attack("escalate priority to the column maximum",
            "insert into public.jobs (job_type, payload, priority) values ('simulate', '{{}}', 100)", "OVQTA"),
-    Attack("sink priority below the range",
-           "insert into public.jobs (job_type, payload, priority) values ('simulate', '{{}}', -1)", "OVQTA"),
+    Attack("jump the queue at priority 10",
+           "insert into public.jobs (job_type, payload, priority) values ('simulate', '{{}}', 10)", "OVQTA"),
     Attack("anon reads jobs", "select * from public.jobs", DENIED, role="anon", who=None),
     Attack("anon inserts a job", "insert into public.jobs (job_type, payload) values ('simulate', '{{}}')", DENIED,
            role="anon", who=None),
@@ -429,7 +432,7 @@ def test_sizes_within_limits_are_accepted(world: World) -> None:
     # chat types allow longer texts than an image prompt (their own job_quotas rows)
     chat = {"messages": [{"role": "user", "content": "x" * 5000}] * 4}
     assert world.submit(world.alice, "chat_conversation", chat)["status"] == "queued"
-    assert world.submit(world.alice, "simulate", {"prompt": "a cat"}, priority=10)["priority"] == 10
+    assert world.submit(world.alice, "simulate", {"prompt": "a cat"}, priority=-10)["priority"] == -10
 
 
 def test_concurrent_inserts_cannot_overshoot(world: World) -> None:
@@ -467,7 +470,7 @@ def test_limits_are_readable_by_signed_in_users(world: World) -> None:
     chat = world.api.as_user(world.alice, "select * from public.job_limits('chat_conversation')")
     assert chat == [{"max_active_jobs": 10, "max_jobs_per_minute": 30, "type_max_active_jobs": None,
                      "type_max_jobs_per_minute": None, "max_prompt_chars": 32000, "max_payload_bytes": 262144,
-                     "min_priority": 0, "max_priority": 10}]
+                     "min_priority": -100, "max_priority": 0}]
     image = world.api.as_user(world.alice, "select max_prompt_chars from public.job_limits('sdxl_image_fast')")
     assert image == [{"max_prompt_chars": 1000}]
 
@@ -502,7 +505,7 @@ def test_user_inserts_own_job_and_server_columns_get_their_defaults(world: World
     assert (row["status"], row["queue"], row["attempts"], row["max_attempts"], row["priority"]) == (
         "queued", "sdxl", 0, 3, 0)
     assert row["worker_id"] is None and row["result"] is None and row["error"] is None
-    assert world.submit(world.alice, priority=7)["priority"] == 7
+    assert world.submit(world.alice, priority=-7)["priority"] == -7
 
 
 def test_user_reads_only_own_jobs(world: World) -> None:

@@ -101,7 +101,7 @@ def test_sizes_and_frames_are_normalised_to_what_the_model_takes_and_recorded(
     odd = wan.parse(make_job(job_types, "video_fast", {"prompt": "waves", "config": {
         "width": 1000, "height": 504, "frame_num": 50}}))
     assert (odd.width, odd.height, odd.frames) == (992, 496, 49)
-    expect_error(ErrorCode.INVALID_INPUT, "frame_num must be 1",
+    expect_error(ErrorCode.INVALID_INPUT, "frame_num: must be one of 1 (got 17)",
                  lambda: wan.parse(make_job(job_types, "image_fast", {"prompt": "a cat",
                                                                       "config": {"frame_num": 17}})))
 

@@ -182,12 +182,19 @@ class Job(BaseModel):
                            f"invalid payload: {name}: must be a JSON object, not {json_kind(value)}")
         return value
 
-    def parse(self, model: type[PayloadT], config: dict[str, Any] | None = None) -> PayloadT:
+    def parse(self, model: type[PayloadT], config: dict[str, Any] | None = None,
+              floors: dict[str, int] | None = None) -> PayloadT:
         """Validate the payload (with the type's defaults, or the given layered `config`) into `model`
-        within the type's limits, or raise INVALID_INPUT."""
+        within the type's limits, or raise INVALID_INPUT. `floors` lowers the limits' minimums: a tiny
+        test model's folder declares them (never a payload)."""
         data = {**self.payload_object(), "config": self.config if config is None else config}
+        limits = self.limits
+        if floors:
+            limits = {name: ({**spec, "min": min(spec["min"], floors[name])}
+                             if name in floors and isinstance(spec, dict) and "min" in spec else spec)
+                      for name, spec in limits.items()}
         try:
-            return model.model_validate(data, context={"limits": self.limits})
+            return model.model_validate(data, context={"limits": limits})
         except ValidationError as err:
             raise invalid_input(err) from None
 

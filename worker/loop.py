@@ -27,6 +27,7 @@ import psycopg
 
 from worker import db
 from worker.config import Settings
+from worker.estimate import LiveUpdate
 from worker.handlers.base import (
     Handler,
     JobCanceled,
@@ -87,7 +88,9 @@ class Worker:
         # slow URL delays only that user's job; up to prepare_slots such jobs are claimed on top.
         self._preparers = JobRunners(settings.concurrency + settings.prepare_slots, "job-preparer")
         self._faults = Faults(settings.fault_retry_seconds, settings.fault_retry_max_seconds)
-        self._watchdog = HangWatchdog(settings.hang_exit_seconds if settings.hang_watchdog else 0)
+        # never shorter than a few beats of the lease keeper, which re-arms it each beat
+        hang_seconds = max(settings.hang_exit_seconds, settings.lease_seconds)
+        self._watchdog = HangWatchdog(hang_seconds if settings.hang_watchdog else 0)
         self._connected_since: float | None = None  # the lease keeper's view of the database
         self.exit_reason: str | None = None  # set when the worker stops itself (a handler that would not stop)
         self._run_locks: dict[str, threading.Lock] = {}
@@ -302,9 +305,10 @@ class Worker:
         return ready if ready[0] else None
 
     def _progress_writer(self, job_id: UUID) -> Any:
-        def write(progress: int, stage: str | None, partial: dict[str, Any] | None) -> bool:
+        def write(progress: int, stage: str | None, partial: dict[str, Any] | None,
+                  live: LiveUpdate | None = None) -> bool:
             try:
-                return self.queue.report_progress(job_id, progress, stage, partial)
+                return self.queue.report_progress(job_id, progress, stage, partial, live)
             except db.TRANSIENT_DB_ERRORS as err:
                 log.warning("progress write for %s skipped: %s", job_id, err)
                 return False

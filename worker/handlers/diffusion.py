@@ -44,6 +44,11 @@ class Limits:
     min_steps: int = 10
     min_frames: int = 16
 
+    def floors(self) -> dict[str, int]:
+        """The lower bounds this model relaxes, for the job type's limits (job_types.limits)."""
+        side = self.min_side
+        return {"width": side, "height": side, "steps": self.min_steps, "frame_num": self.min_frames}
+
     @classmethod
     def of_model(cls, source: str | None) -> Limits:
         marker = read_marker(source) if source and Path(source).is_dir() else None

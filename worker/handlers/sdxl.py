@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from worker.config import Settings
+from worker.estimate import SDXL_PRIORS, DiffusionEstimate, StageHistory, work_units
 from worker.handlers.base import MODEL_LOAD_LOCK, JobContext
 from worker.handlers.diffusion import (
     STAGE_ENCODING,
@@ -68,6 +69,7 @@ from worker.handlers.diffusion import (
 )
 from worker.jobs import ErrorCode, ImageConfig, ImagePayload, Job, JobError
 from worker.media import ReferenceLimits, ReferenceSources, encode_png, fit_image, load_references
+from worker.preview import LivePreview, live_preview
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -144,6 +146,7 @@ class SdxlHandler:
         self.load_seconds = 0.0
         self._unreported_load = 0.0
         self._lock = threading.Lock()
+        self.stage_history = StageHistory()  # seconds per unit of work of its stages: the jobs' estimates
 
     # -- loading ------------------------------------------------------------------------
 
@@ -234,6 +237,7 @@ class SdxlHandler:
         timer = Timer()
         load_seconds, self._unreported_load = self._unreported_load, 0.0
 
+        ctx.estimate(None)  # the stages estimate the time left (StepProgress), not the progress rate
         ctx.progress(0.01, STAGE_ENCODING)
         embeds = self._encode(request)
         timer.lap("encode")
@@ -246,6 +250,7 @@ class SdxlHandler:
         ctx.progress(UPLOAD_START, STAGE_UPLOADING)
         assets = self._publish(ctx, request, images, reference is not None)
         timer.lap("upload")
+        progress.record_upload(timer.stages["upload"])
 
         return {
             "assets": assets,
@@ -273,7 +278,7 @@ class SdxlHandler:
 
     def parse(self, job: Job) -> SdxlRequest:
         config_in = layered_config(job, METADATA_CONFIG_KEYS)
-        parsed = job.parse(payload_model(self.limits), config_in)
+        parsed = job.parse(payload_model(self.limits), config_in, self.limits.floors())
         config = parsed.config
         sources = ReferenceSources.of(job)
         if sources.mode in ("start", "end", "both"):
@@ -309,10 +314,16 @@ class SdxlHandler:
 
     def _generate_with_retry(self, job: Job, ctx: JobContext, request: SdxlRequest, embeds: tuple[Any, ...],
                              reference: Image.Image | None) -> tuple[list[Image.Image], list[int], StepProgress]:
+        with live_preview(ctx, self.settings, "sdxl") as preview:  # removed (unless kept) once denoised
+            return self._generate_fitting(job, ctx, request, embeds, reference, preview)
+
+    def _generate_fitting(self, job: Job, ctx: JobContext, request: SdxlRequest, embeds: tuple[Any, ...],
+                          reference: Image.Image | None,
+                          preview: LivePreview) -> tuple[list[Image.Image], list[int], StepProgress]:
         frugal = had_oom(job)
         batch = 1 if frugal else request.num_images
         try:
-            return self._generate(ctx, request, embeds, reference, batch, frugal, DENOISE_START)
+            return self._generate(ctx, request, embeds, reference, batch, frugal, preview)
         except Exception as err:
             if not is_oom(err):
                 raise
@@ -322,7 +333,7 @@ class SdxlHandler:
         smaller = max(1, batch // 2)
         log.warning("job %s: out of memory with a batch of %d; retrying in batches of %d", job.id, batch, smaller)
         try:
-            return self._generate(ctx, request, embeds, reference, smaller, True, DENOISE_START)
+            return self._generate(ctx, request, embeds, reference, smaller, True, preview)
         except Exception as err:
             if not is_oom(err):
                 raise
@@ -330,13 +341,17 @@ class SdxlHandler:
             raise oom_error(f"at {request.width}x{request.height} in batches of {smaller}") from err
 
     def _generate(self, ctx: JobContext, request: SdxlRequest, embeds: tuple[Any, ...], reference: Any,
-                  batch: int, tiled: bool, start: float) -> tuple[list[Image.Image], list[int], StepProgress]:
+                  batch: int, tiled: bool,
+                  preview: LivePreview | None = None) -> tuple[list[Image.Image], list[int], StepProgress]:
         import torch
 
         seeds = request.seeds
         chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
         steps = request.steps if reference is None else max(1, int(request.steps * request.denoising_strength))
-        progress = StepProgress(ctx, start=start, end=DENOISE_END, steps=steps, calls=len(chunks))
+        estimate = DiffusionEstimate(self.stage_history, SDXL_PRIORS,
+                                     work_units(request.width, request.height, images=batch), calls=len(chunks))
+        progress = StepProgress(ctx, start=DENOISE_START, end=DENOISE_END, steps=steps, calls=len(chunks),
+                                estimate=estimate, preview=preview)
         pipe = self.pipe if reference is None else self.img2img
         prompt_embeds, negative_embeds, pooled, negative_pooled = embeds
         images: list[Image.Image] = []

@@ -16,9 +16,13 @@ class SimulateHandler:
     def load(self) -> None:
         pass
 
+    def prepare(self, job: Job, ctx: JobContext) -> None:
+        """Validate the payload against the type's defaults and limits, before any work."""
+        ctx.prepared = job.parse(SimulatePayload)
+
     def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
-        # 1. Validate the payload against the type's defaults.
-        payload = job.parse(SimulatePayload)
+        # 1. The validated payload (the worker called prepare; a direct caller may not have).
+        payload: SimulatePayload = ctx.prepared or job.parse(SimulatePayload)
         config = payload.config
 
         # 2. Fail the first `fail_attempts` attempts when asked to (shows retries).

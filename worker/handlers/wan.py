@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from pydantic import Field, field_validator
 
 from worker.config import Settings
+from worker.estimate import WAN_PRIORS, DiffusionEstimate, StageHistory, work_units
 from worker.handlers.base import MODEL_LOAD_LOCK, Handler, JobContext
 from worker.handlers.diffusion import (
     STAGE_ENCODING,
@@ -82,6 +83,7 @@ from worker.media import (
     load_references,
     thumbnail_png,
 )
+from worker.preview import live_preview
 
 if TYPE_CHECKING:
     import numpy as np
@@ -229,6 +231,7 @@ class WanHandler:
         self._unreported_load = 0.0
         self._lock = threading.Lock()
         self.memory: ModelMemory | None = None
+        self.stage_history = StageHistory()  # seconds per unit of work of its stages: the jobs' estimates
 
     def connect(self, handlers: Mapping[str, Handler]) -> None:
         """The worker's handlers: its `chat` handler, if any, serves prompt enhancement (looked up
@@ -374,6 +377,7 @@ class WanHandler:
         timer = Timer()
         load_seconds, self._unreported_load = self._unreported_load, 0.0
 
+        ctx.estimate(None)  # the stages estimate the time left (StepProgress), not the progress rate
         ctx.progress(0.01, STAGE_ENCODING)
         enhancement = self._enhance(ctx, request) if request.enhance else None
         prompt = enhancement["enhanced_prompt"] if enhancement else request.prompt
@@ -397,6 +401,7 @@ class WanHandler:
         assets, media_seconds = self._publish(ctx, request, frames, prompt)
         timer.add("encode_media", media_seconds)
         timer.lap("upload")
+        progress.record_upload(timer.stages["upload"])
 
         duration = round(request.frames / request.fps, 4)
         result: dict[str, Any] = {
@@ -443,7 +448,7 @@ class WanHandler:
         given = job.section("config")
         if payload.get("negative_prompt") is not None and "negative_prompt" not in given:
             config_in["negative_prompt"] = payload["negative_prompt"]
-        parsed = job.parse(payload_model(self.limits), config_in)
+        parsed = job.parse(payload_model(self.limits), config_in, self.limits.floors())
         config = parsed.config
         content = job.type_info.content_type if job.type_info else None
         if content == "image" and config.frame_num != 1:
@@ -526,26 +531,32 @@ class WanHandler:
                   partial: dict[str, Any]) -> tuple[np.ndarray, StepProgress]:
         import torch
 
-        progress = StepProgress(ctx, start=DENOISE_START, end=DENOISE_END, steps=request.steps, partial=partial)
+        estimate = DiffusionEstimate(self.stage_history, WAN_PRIORS,
+                                     work_units(request.width, request.height, frames=request.frames))
         kwargs: dict[str, Any] = {
             "prompt_embeds": embeds[0], "negative_prompt_embeds": embeds[1],
             "height": request.height, "width": request.width, "num_frames": request.frames,
             "num_inference_steps": request.steps, "guidance_scale": request.guidance_scale,
-            "generator": generators([request.seed])[0], "callback_on_step_end": progress,
+            "generator": generators([request.seed])[0],
             "output_type": "np", "max_sequence_length": TEXT_TOKENS,
             **self._conditioning(kind, request, references),
         }
         pipe.scheduler = self._scheduler(pipe, request.solver, request.shift)
-        progress.begin_call()
-        try:
-            with vae_tiling(pipe, self.settings.diffusion_vae_tiling or had_oom(job)), torch.inference_mode():
-                frames = pipe(**kwargs).frames[0]
-        except Exception as err:
-            if not is_oom(err):
-                raise
-            free_memory()
-            raise oom_error(f"at {request.width}x{request.height}, {request.frames} frames") from err
-        progress.end_call()
+        # The preview is removed (unless kept) once denoised; its frames are a few latent frames side by side.
+        with live_preview(ctx, self.settings, "wan") as preview:
+            progress = StepProgress(ctx, start=DENOISE_START, end=DENOISE_END, steps=request.steps, partial=partial,
+                                    estimate=estimate, preview=preview)
+            kwargs["callback_on_step_end"] = progress
+            progress.begin_call()
+            try:
+                with vae_tiling(pipe, self.settings.diffusion_vae_tiling or had_oom(job)), torch.inference_mode():
+                    frames = pipe(**kwargs).frames[0]
+            except Exception as err:
+                if not is_oom(err):
+                    raise
+                free_memory()
+                raise oom_error(f"at {request.width}x{request.height}, {request.frames} frames") from err
+            progress.end_call()
         return frames, progress
 
     def _conditioning(self, kind: str, request: WanRequest, refs: References) -> dict[str, Any]:
