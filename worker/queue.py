@@ -24,6 +24,7 @@ from tenacity import (
 )
 
 from worker.db import TRANSIENT_DB_ERRORS, Connection
+from worker.estimate import LiveUpdate
 from worker.jobs import Job, JobType, load_json_leniently
 
 # Rows hold what users wrote: a JSON value Python cannot load (a 4,401-digit number) must fail its
@@ -105,12 +106,25 @@ WHERE id = ANY(%(job_ids)s::uuid[]) AND status = 'processing' AND worker_id = %(
 RETURNING id, cancel_requested
 """
 
-# -- report_progress -- a throttled progress write; doubles as a heartbeat for the job.
+# -- report_progress -- a throttled progress write; doubles as a heartbeat for the job. With %(live)s
+# it also sets the estimate (seconds left from now; NULL: unknown) and, when %(preview_changed)s,
+# the preview. The estimate moves only when it changes by more than max(1 s, 5 %): a steady job's
+# stays put, and the row (and Realtime's job_live event) is not rewritten for jitter.
 REPORT_PROGRESS = """
 UPDATE public.jobs
 SET progress = %(progress)s,
     stage = %(stage)s,
     result = coalesce(%(partial)s, result),
+    estimated_completion_at = CASE
+        WHEN NOT %(live)s THEN estimated_completion_at
+        WHEN %(eta_seconds)s::float8 IS NULL THEN NULL
+        WHEN estimated_completion_at IS NOT NULL
+             AND abs(extract(epoch FROM estimated_completion_at - now()) - %(eta_seconds)s::float8)
+                 <= greatest(1.0, 0.05 * %(eta_seconds)s::float8)
+            THEN estimated_completion_at
+        ELSE now() + make_interval(secs => %(eta_seconds)s::float8)
+    END,
+    preview = CASE WHEN %(preview_changed)s THEN %(preview)s::jsonb ELSE preview END,
     lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
 WHERE id = %(id)s AND status = 'processing' AND worker_id = %(worker_id)s
 RETURNING cancel_requested
@@ -448,11 +462,16 @@ class JobQueue:
         )
 
     def report_progress(self, job_id: UUID, progress: int, stage: str | None,
-                        partial: dict[str, Any] | None = None) -> bool:
-        """Write progress; return whether a cancel was requested. Raises LeaseLost."""
+                        partial: dict[str, Any] | None = None, live: LiveUpdate | None = None) -> bool:
+        """Write progress (and with `live` the estimate and the preview); return whether a cancel was
+        requested. Raises LeaseLost."""
+        preview = live["preview"] if live else None
         rows = self._execute(REPORT_PROGRESS, {
             "id": job_id, "worker_id": self.worker_id, "progress": progress, "stage": stage,
             "partial": Jsonb(partial) if partial is not None else None,
+            "live": live is not None, "eta_seconds": live["eta_seconds"] if live else None,
+            "preview_changed": bool(live and live["preview_changed"]),
+            "preview": Jsonb(preview) if preview is not None else None,
             "lease_seconds": self.lease_seconds,
         })
         if not rows:

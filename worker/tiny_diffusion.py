@@ -57,6 +57,13 @@ def build_tiny_wan(path: str | os.PathLike[str], kind: WanKind = "t2v", *, seed:
     return _build(path, recipe, lambda staging: _wan(kind, seed).save_pretrained(staging))
 
 
+def build_tiny_taesd(path: str | os.PathLike[str], *, latent_channels: int = 4, seed: int = 0) -> Path:
+    """Write a tiny random-weight AutoencoderTiny (the architecture of taesd/taesdxl, 8 channels wide)
+    into `path` (idempotent): what the preview decoder settings load in tests and the demo."""
+    recipe = {"version": TINY_DIFFUSION_VERSION, "kind": f"taesd_{latent_channels}", "seed": seed}
+    return _build(path, recipe, lambda staging: _taesd(latent_channels, seed).save_pretrained(staging))
+
+
 def build_tiny_models(root: str | os.PathLike[str], *, i2v: bool = True) -> dict[str, Path]:
     """Every tiny diffusion model under `root`: {"sdxl", "wan", "wan_vace", "wan_i2v", "wan_flf2v"}."""
     base = Path(root).expanduser().resolve()
@@ -164,6 +171,16 @@ def _sdxl(seed: int) -> Any:
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
     )
+
+
+def _taesd(latent_channels: int, seed: int) -> Any:
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    return AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                           num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1),
+                           latent_channels=latent_channels)
 
 
 # --- WAN 2.1 ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -23,6 +24,9 @@ from worker.tiny_models import read_marker
 
 if TYPE_CHECKING:
     import torch
+
+    from worker.estimate import DiffusionEstimate
+    from worker.preview import LivePreview
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +207,9 @@ def vae_tiling(pipe: Any, enabled: bool) -> Iterator[None]:
 
 class StepProgress:
     """`callback_on_step_end` of a pipeline: one progress update per denoising step, mapped into
-    [start, end] of the job's bar (the loop throttles the row writes).
+    [start, end] of the job's bar (the loop throttles the row writes). With an `estimate`, each step
+    also refreshes the job's estimated time left from this job's step time (worker.estimate), and
+    with a `preview`, hands the latents of due steps to the job's live preview (worker.preview).
 
     It is also where cancellation takes effect: `ctx.progress` raises JobCanceled (a BaseException
     that the pipeline does not catch) once the row asks for it, so the pipeline stops in that step
@@ -212,30 +218,50 @@ class StepProgress:
     """
 
     def __init__(self, ctx: JobContext, *, start: float, end: float, steps: int, calls: int = 1,
-                 partial: Mapping[str, Any] | None = None) -> None:
+                 partial: Mapping[str, Any] | None = None, estimate: DiffusionEstimate | None = None,
+                 preview: LivePreview | None = None) -> None:
         self.ctx = ctx
         self.start, self.end = start, end
         self.per_call = max(1, steps)
         self.calls = max(1, calls)
         self.partial = dict(partial or {})
+        self.estimate = estimate
+        self.preview = preview
         self.done = 0  # steps finished over every call
         self.in_call = 0
+        self.calls_begun = 0
         self.denoise_seconds = 0.0
         self._call_started = 0.0
         self._last_step = 0.0
+        self._recent: deque[float] = deque(maxlen=8)  # the last steps' seconds: this job's step time
         self.decode_seconds = 0.0
+        if estimate is not None:
+            ctx.estimate(estimate.before_start(self.per_call))
 
     def begin_call(self) -> None:
         self.in_call = 0
+        self.calls_begun += 1
         self._call_started = self._last_step = time.perf_counter()
 
     def end_call(self) -> None:
         now = time.perf_counter()
-        self.denoise_seconds += self._last_step - self._call_started
+        denoised = self._last_step - self._call_started
+        self.denoise_seconds += denoised
         self.decode_seconds += now - self._last_step
+        if self.estimate is not None and self.in_call:
+            work = self.estimate.work_per_call
+            self.estimate.history.record("step", denoised / self.in_call, work)
+            self.estimate.history.record("decode", now - self._last_step, work)
+
+    def record_upload(self, seconds: float) -> None:
+        """The measured encoding and upload of the outputs, for the next jobs' estimates."""
+        if self.estimate is not None:
+            self.estimate.history.record("upload", seconds, self.estimate.work_per_call * self.calls)
 
     def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        self._last_step = time.perf_counter()
+        now = time.perf_counter()
+        self._recent.append(now - self._last_step)
+        self._last_step = now
         if self.in_call == 0:
             actual = getattr(pipe, "_num_timesteps", None)
             if isinstance(actual, int) and actual > 0:  # img2img strength, solver order: the pipeline knows
@@ -243,8 +269,14 @@ class StepProgress:
         self.in_call += 1
         self.done += 1
         total = self.per_call * self.calls
+        if self.estimate is not None:
+            step_seconds = sum(self._recent) / len(self._recent)
+            self.ctx.estimate(self.estimate.remaining(total - self.done, step_seconds,
+                                                      self.calls - self.calls_begun + 1))
         fraction = self.start + (self.end - self.start) * min(1.0, self.done / total)
         self.ctx.progress(fraction, STAGE_DENOISING, {**self.partial, "step": self.done, "steps": total})
+        if self.preview is not None and "latents" in callback_kwargs:
+            self.preview.step(pipe.scheduler, callback_kwargs["latents"], self.done, total)
         if self.in_call >= self.per_call:
             self.ctx.progress(fraction, STAGE_DECODING, {**self.partial, "step": self.done, "steps": total})
         return {}
