@@ -7,6 +7,7 @@ directory and asset publishing. It never sees SQL or connections.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from worker.estimate import LiveUpdate, ProgressRate
 from worker.faults import disk_full
 from worker.jobs import Job
 from worker.storage import Storage, StorageError, outage_policy, ride_out
@@ -76,7 +78,17 @@ class Handler(Protocol):
         ...
 
 
-ProgressWriter = Callable[[int, str | None, dict[str, Any] | None], bool]
+# write(progress, stage, partial) -> cancel requested; a writer with a `live` keyword parameter also
+# gets the estimate and the preview (worker.estimate.LiveUpdate), as the worker's does.
+ProgressWriter = Callable[..., bool]
+
+
+def _takes_live(writer: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(writer).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "live" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 class JobContext:
@@ -97,8 +109,16 @@ class JobContext:
         self._interrupt: type[JobInterrupted] | None = None
         self._latest: tuple[int, str | None] = (0, None)
         self.assets: list[dict[str, Any]] = []
-        self._uploads: dict[tuple[str, str], None] = {}  # every object this attempt wrote or tried to, in order
         self.prepared: Any = None  # what the handler's prepare() made of the job before its model loaded
+        self._uploads: dict[tuple[str, str], None] = {}  # every object this attempt wrote or tried to, in order
+        # What a watcher sees besides progress (worker.estimate, worker.preview): seconds left as
+        # (seconds or None, when measured), from the progress rate unless the handler estimates.
+        self._eta: tuple[float | None, float] | None = None
+        self._eta_own = False
+        self._rate = ProgressRate()
+        self._preview: dict[str, Any] | None = None
+        self._preview_changed = False
+        self._writer_takes_live = _takes_live(write_progress)
 
     # -- progress and cancellation ------------------------------------------------------
 
@@ -113,27 +133,77 @@ class JobContext:
         with self._lock:
             self._pending = (percent, stage, partial)
             self._latest = (percent, stage)
+            if not self._eta_own:
+                now = time.monotonic()
+                self._rate.observe(fraction, now)
+                self._eta = (self._rate.remaining(now), now)
         self.flush()
         self.check()
 
-    def flush(self) -> None:
+    def flush(self, force: bool = False) -> None:
         """Write the pending update once the interval allows (the lease keeper calls this so a
-        throttled update still goes out while the handler is busy)."""
+        throttled update still goes out while the handler is busy); `force` writes it now, with a
+        changed preview even when progress did not move."""
         with self._lock:
             pending = self._pending
-            due = not self._written or (pending is not None and pending[0] >= 100)
+            if pending is None and self._preview_changed and self._writer_takes_live:
+                pending = (*self._latest, None)
+            due = force or not self._written or (pending is not None and pending[0] >= 100)
             if pending is None or not (due or time.monotonic() - self._last_write >= self._interval):
                 return
             self._pending = None
             self._written = True
             self._last_write = time.monotonic()
+            live = self._take_live()
         from worker.queue import LeaseLost
 
         try:
-            if self._write_progress(*pending):
+            if self._writer_takes_live:
+                written = self._write_progress(*pending, live=live)
+            else:
+                written = self._write_progress(*pending)
+            if written:
                 self.interrupt(JobCanceled)
         except LeaseLost:
             self.interrupt(JobLeaseLost)
+
+    # -- the estimate and the preview (worker.estimate, worker.preview) ------------------
+
+    def estimate(self, seconds: float | None) -> None:
+        """The handler's own estimate of the seconds left (None: not known yet). Once given, it
+        replaces the estimate from the progress rate for the rest of the job; it goes out, counted
+        down to the moment of writing, with the next progress write."""
+        with self._lock:
+            self._eta = (None if seconds is None else max(0.0, seconds), time.monotonic())
+            self._eta_own = True
+
+    @property
+    def seconds_left(self) -> float | None:
+        """The current estimate of the seconds left, or None."""
+        with self._lock:
+            return self._seconds_left(time.monotonic())
+
+    def set_preview(self, preview: dict[str, Any] | None) -> None:
+        """The job's preview object for the row's `preview` (None clears it); written with the next
+        progress write, or by the lease keeper's flush."""
+        with self._lock:
+            self._preview = preview
+            self._preview_changed = True
+
+    @property
+    def preview(self) -> dict[str, Any] | None:
+        return self._preview
+
+    def _seconds_left(self, now: float) -> float | None:
+        if self._eta is None or self._eta[0] is None:
+            return None
+        return max(0.0, self._eta[0] - (now - self._eta[1]))
+
+    def _take_live(self) -> LiveUpdate:
+        live = LiveUpdate(eta_seconds=self._seconds_left(time.monotonic()), preview=self._preview,
+                          preview_changed=self._preview_changed)
+        self._preview_changed = False
+        return live
 
     def check(self) -> None:
         """Raise if the job was canceled, its lease lost, or the worker is stopping."""
