@@ -340,3 +340,85 @@ def test_wan_enhancement_reloads_an_evicted_chat_model_through_the_manager(
     assert memory.stats.over_budget_loads == 1 and handlers["chat"].model is not None
     assert [e.name for e in memory.stats.history] == ["chat"]
     assert memory.stats.loads == 3  # chat, wan, chat again: the same handler instance reloaded its model
+
+
+# --- a model that cannot be loaded here is the worker's fault (worker.faults) ------------------
+
+
+class Unloadable:
+    """load() raises what it is given."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def load(self) -> None:
+        raise self.error
+
+    def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
+        raise AssertionError("never run without a model")
+
+
+def test_a_failed_load_is_a_worker_fault_scoped_to_its_handler(tmp_path: Path) -> None:
+    from worker.handlers.diffusion import load_error
+    from worker.jobs import ErrorCode, JobError, WorkerFault
+
+    missing = OSError(f"Error no file named model_index.json found in directory {tmp_path}/sdxl.")
+    cuda = AssertionError("Torch not compiled with CUDA enabled")
+    cases = {"missing": load_error("SDXL model", str(tmp_path / "sdxl"), missing), "cuda": cuda,
+             "unreadable": PermissionError(13, "Permission denied", str(tmp_path / "weights.safetensors"))}
+    for name, error in cases.items():
+        memory = manager({name: Unloadable(error)}, 0)
+        with pytest.raises(WorkerFault) as caught, memory.use(name):
+            pass
+        assert caught.value.scope == f"handler:{name}" and caught.value.code == ErrorCode.MODEL_LOAD_ERROR
+        assert caught.value.message.startswith(f"{name} model {name} could not be loaded: ")
+        assert "\n" not in caught.value.message and not memory.is_resident(name)
+        if name == "missing":  # the cause under the handler's own wrapper
+            assert "could not be loaded: OSError: Error no file named model_index.json" in caught.value.message
+
+    # the job's own reason, an out-of-memory load and a full disk are not the handler's fault
+    own = JobError(ErrorCode.INVALID_INPUT, "this LoRA is not allowed")
+    with pytest.raises(JobError) as kept:
+        touch(manager({"h": Unloadable(own)}, 0), "h")
+    assert kept.value is own
+    with pytest.raises(JobError) as oom:
+        touch(manager({"h": Unloadable(torch.cuda.OutOfMemoryError("CUDA out of memory"))}, 0), "h")
+    assert oom.value.code == ErrorCode.OOM_ERROR
+    with pytest.raises(WorkerFault) as disk:
+        touch(manager({"h": Unloadable(OSError(28, "No space left on device"))}, 0), "h")
+    assert disk.value.scope == "disk"
+
+
+def test_a_real_handler_whose_model_path_does_not_exist(tmp_path: Path) -> None:
+    from worker.handlers.chat import ChatHandler
+    from worker.jobs import WorkerFault
+
+    chat = ChatHandler(Settings(home=tmp_path, chat_device="cpu"), model=str(tmp_path / "no-model"))
+    with pytest.raises(WorkerFault) as caught:
+        touch(manager({"chat": chat}, 0), "chat")
+    assert caught.value.scope == "handler:chat"
+    assert caught.value.message.startswith(f"chat model {tmp_path / 'no-model'} could not be loaded: ")
+
+
+def test_worker_fault_of_tells_the_workers_faults_from_the_jobs() -> None:
+    from worker.faults import worker_fault_of
+    from worker.jobs import ErrorCode, JobError, WorkerFault
+
+    def scope(exc: BaseException, handler: str | None = None) -> str | None:
+        fault = worker_fault_of(exc, handler)
+        return fault.scope if fault else None
+
+    wrapped = RuntimeError("the step failed")
+    wrapped.__cause__ = OSError(28, "No space left on device", "/scratch/job/video.mp4")
+    assert scope(wrapped) == "disk"
+    assert scope(RuntimeError("CUDA error: an illegal memory access was encountered")) == "device"
+    assert scope(RuntimeError("No CUDA GPUs are available")) == "device"
+    assert scope(RuntimeError("CUDA error: out of memory")) is None, "out of memory is retried, not a fault"
+    assert scope(torch.cuda.OutOfMemoryError("CUDA out of memory")) is None
+    load = JobError(ErrorCode.MODEL_LOAD_ERROR, "WAN VACE model 'x' could not be loaded: OSError: missing")
+    assert scope(load, "wan") == "handler:wan" and scope(load) is None
+    fault = WorkerFault(ErrorCode.STORAGE_ERROR, "refused", scope="storage")
+    assert worker_fault_of(fault) is fault
+    for own in (JobError(ErrorCode.INVALID_INPUT, "CUDA error in the prompt?"), ValueError("bad"),
+                RuntimeError("boom"), OSError(2, "No such file")):
+        assert worker_fault_of(own, "sdxl") is None, own

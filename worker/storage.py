@@ -36,8 +36,9 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_attempt,
-    stop_before_delay,
-    wait_exponential_jitter,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
     wait_random_exponential,
 )
 
@@ -122,7 +123,8 @@ def outage_policy(storage: Any) -> OutagePolicy:
 
 def ride_out(fn: Callable[[], T], policy: OutagePolicy, *, check: Callable[[], None],
              on_wait: Callable[[BaseException], None] | None = None, what: str = "storage") -> T:
-    """`fn()` again while it fails with a transient StorageError, for up to `policy.window` seconds.
+    """`fn()` again while it fails with a transient StorageError, until `policy.window` seconds have
+    passed (the last pause may end up to `max_delay` later).
 
     Between tries `check()` runs every quarter second, so a cancel or a lost lease still stops the
     job; `on_wait(error)` runs before each pause. Past the window the last StorageError is raised,
@@ -145,8 +147,8 @@ def ride_out(fn: Callable[[], T], policy: OutagePolicy, *, check: Callable[[], N
             on_wait(error)
 
     retrying = Retrying(
-        stop=stop_before_delay(policy.window),
-        wait=wait_exponential_jitter(initial=policy.first_delay, max=policy.max_delay, jitter=policy.first_delay),
+        stop=stop_after_delay(policy.window),
+        wait=wait_exponential(multiplier=policy.first_delay, max=policy.max_delay) + wait_random(0, policy.first_delay),
         retry=retry_if_exception(lambda err: isinstance(err, StorageError) and err.retryable),
         sleep=pause,
         before_sleep=before_sleep,

@@ -255,7 +255,8 @@ class JobContext:
 
         Call it while the job's lease is still held: never after JobLeaseLost, since the paths are
         the job's own and the worker that owns it now writes the same ones. Best effort (a failure
-        is logged, never raised), idempotent; `assets` is emptied. Returns the objects it removed.
+        is logged, never raised; what could not be removed is tried again by the next call);
+        `assets` is emptied. Returns how many objects it removed.
         """
         with self._lock:
             targets, self._uploads = list(self._uploads), {}
@@ -271,6 +272,8 @@ class JobContext:
             except Exception as err:  # cleanup must not hide the job's own outcome
                 log.warning("job %s: could not remove %d uploaded object(s) from %s: %s", self.job.id, len(paths),
                             bucket, err)
+                with self._lock:
+                    self._uploads.update(dict.fromkeys((bucket, path) for path in paths))
         return removed
 
     def publish(self, data: bytes, *, ext: str, content_type: str, index: int | None = None,
