@@ -261,7 +261,8 @@ def supabase_storage(api: FakeStorageAPI, key: str = KEY, **kwargs: Any) -> Supa
 
 
 class PublishingHandler:
-    """Payload {"assets": n} (default 1): records the generation, then publishes n small PNGs."""
+    """Payload {"assets": n} (default 1), {"sleep": s}: records the generation, takes s seconds, then
+    publishes n small PNGs."""
 
     concurrent = True
 
@@ -275,6 +276,10 @@ class PublishingHandler:
         record(job)
         self.generations.append((str(job.id), job.attempts))
         ctx.progress(0.5, "generating")
+        deadline = time.monotonic() + float(job.payload.get("sleep", 0))
+        while time.monotonic() < deadline:
+            ctx.check()
+            time.sleep(0.01)
         assets = [ctx.publish(png_bytes(color=(i, job.attempts, 0)), ext="png", content_type="image/png")
                   for i in range(int(job.payload.get("assets", 1)))]
         return {"assets": assets}
