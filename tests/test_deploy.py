@@ -71,33 +71,67 @@ def manifests() -> dict[str, dict[str, Any]]:
 # --- Dockerfile --------------------------------------------------------------------------
 
 
-def test_dockerfile_builds_a_cuda_worker_image(docker):
-    froms = [args for instr, args in docker if instr == "FROM"]
-    assert len(froms) == 1 and froms[0].startswith("nvidia/cuda:") and "ubuntu" in froms[0], froms
-    runs = " && ".join(args for instr, args in docker if instr == "RUN")
-    assert "pip install" in runs and "-e ." in runs, "the package is installed"
-    assert "python3-venv" in runs and "tini" in runs
+def stages(docker: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The build stages: base image (ARG defaults before the first FROM expanded), name, instructions."""
+    args = {}
+    for instr, rest in docker:
+        if instr == "FROM":
+            break
+        if instr == "ARG" and "=" in rest:
+            key, _, value = rest.partition("=")
+            args[key] = value
+    found: list[dict[str, Any]] = []
+    for instr, rest in docker:
+        if instr == "FROM":
+            image, _, name = rest.partition(" AS ")
+            for key, value in args.items():
+                image = image.replace("${" + key + "}", value)
+            found.append({"image": image.strip(), "name": name.strip() or None, "steps": []})
+        elif found:
+            found[-1]["steps"].append((instr, rest))
+    return found
 
-    # every COPY source is in the repository (the build context) and not ignored
+
+def test_dockerfile_installs_the_built_wheel_with_torch_pinned_and_cuda_once(docker):
+    build, final = stages(docker)
+    assert build["name"] == "build" and final["name"] is None, "a wheel stage, then the image"
+    images = [build["image"], final["image"]]
+    assert all(image.startswith("python:3.11") for image in images), images
+    assert not any("cuda" in image for image in images), "CUDA comes with the torch wheel alone"
+    everything = " ".join(rest for _instr, rest in docker)
+    assert "-e ." not in everything and "--editable" not in everything, "never an editable install"
+    assert not any(pkg in everything for pkg in ("cuda-", "libcudnn", "nvidia-cuda")), "no second CUDA from apt"
+
+    # stage 1: the sources in, the wheel out
+    copied = [shlex.split(rest)[0] for instr, rest in build["steps"] if instr == "COPY"]
+    assert {"pyproject.toml", "worker", "sql"} <= set(copied), "the wheel carries sql/ (package data)"
+    [wheel] = [rest for instr, rest in build["steps"] if instr == "RUN" and "pip wheel" in rest]
+    assert "--no-deps" in wheel and "/dist" in wheel
+
+    # stage 2: torch at one exact version, the same as scripts/install.sh, then the wheel with torch held
+    final_args = dict(rest.partition("=")[::2] for instr, rest in final["steps"] if instr == "ARG")
+    version = final_args["TORCH_VERSION"]
+    install_sh = (REPO_ROOT / "scripts" / "install.sh").read_text()
+    assert f"TORCH_SPEC:-torch=={version}}}" in install_sh, "image and install script pin the same torch"
+    runs = [rest for instr, rest in final["steps"] if instr == "RUN"]
+    torch_at = next(i for i, run in enumerate(runs) if '"torch==${TORCH_VERSION}"' in run)
+    wheel_at = next(i for i, run in enumerate(runs) if "ourvidz_worker-*.whl" in run)
+    assert torch_at < wheel_at and '"torch==${TORCH_VERSION}"' in runs[wheel_at], "nothing moves torch"
+    assert [rest for instr, rest in final["steps"] if instr == "COPY"] == ["--from=build /dist/ /tmp/dist/"]
+    assert any("tini" in run for run in runs)
+
+    # every COPY source from the context is in the repository and not ignored
     ignore = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().split()
     assert ignore[0] == "*", "ignore everything but what the image needs"
-    for instr, args in docker:
-        if instr == "COPY":
-            *sources, _dest = shlex.split(args)
-            for source in sources:
-                assert (REPO_ROOT / source).exists(), source
-                assert f"!{source}" in ignore, f"{source} is not sent to the build"
+    for source in copied:
+        assert (REPO_ROOT / source).exists(), source
+        assert f"!{source}" in ignore, f"{source} is not sent to the build"
 
-    # the code lands before the editable install; the package's migrations come with it
-    order = [instr + " " + args for instr, args in docker]
-    copy_sql = order.index("COPY sql ./sql")
-    assert copy_sql < next(i for i, line in enumerate(order) if "pip install -e ." in line)
-
-    users = [args for instr, args in docker if instr == "USER"]
+    users = [rest for instr, rest in final["steps"] if instr == "USER"]
     assert users and users[-1] not in ("root", "0"), "the worker does not run as root"
 
-    [entrypoint] = [exec_form(args) for instr, args in docker if instr == "ENTRYPOINT"]
-    [cmd] = [exec_form(args) for instr, args in docker if instr == "CMD"]
+    [entrypoint] = [exec_form(rest) for instr, rest in final["steps"] if instr == "ENTRYPOINT"]
+    [cmd] = [exec_form(rest) for instr, rest in final["steps"] if instr == "CMD"]
     start = entrypoint.index("ourvidz-worker")
     assert entrypoint[start + 1] == "run" and entrypoint[:start] == ["tini", "--"]
     params = run_options_parse(entrypoint[start + 2:] + cmd)
