@@ -27,6 +27,7 @@ API_ROLES = ("anon", "authenticated")
 CALLABLE_DEFINERS = {
     "public.job_limits(text)": {"authenticated"},  # the limits of a job type, from job_quotas users cannot read
     "private.is_job_topic_owner(text)": {"authenticated"},  # the realtime.messages policy for job:<id>
+    "public.job_queue_position(uuid[])": {"authenticated"},  # a user's own queued jobs: place, estimated start
 }
 
 FUNCTIONS = """

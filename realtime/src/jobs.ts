@@ -6,6 +6,9 @@
  *              database trigger, joinable by the job's owner only), falling back to Postgres
  *              Changes when the private channel cannot be joined; the row is re-read on every
  *              (re)subscribe so a change sent while disconnected is never missed.
+ * - watchJobs: follow all of a user's jobs on ONE channel, the private topic `jobs:<user_id>`
+ *              (new jobs and every change), with the same fallback and re-read; Supabase caps
+ *              the channels of one connection, so a list never opens a channel per job.
  * - cancelJob: ask for cancellation; a queued job is canceled at once, a running one at the
  *              handler's next progress point.
  */
@@ -23,13 +26,14 @@ export function isTerminal(status: JobStatus): status is TerminalStatus {
   return (TERMINAL_STATUSES as readonly JobStatus[]).includes(status)
 }
 
-/** worker/jobs.py ErrorCode. */
+/** worker/jobs.py ErrorCode (tests/test_realtime.py keeps the two equal). */
 export type JobErrorCode =
   | 'INVALID_INPUT'
   | 'UNKNOWN_JOB_TYPE'
   | 'GENERATION_FAILED'
   | 'OOM_ERROR'
   | 'MODEL_LOAD_ERROR'
+  | 'MODEL_UNAVAILABLE'
   | 'NETWORK_ERROR'
   | 'STORAGE_ERROR'
   | 'TIMEOUT_ERROR'
@@ -42,11 +46,14 @@ export interface JobError {
   retryable: boolean
 }
 
-/** One entry of `errors`: a failed attempt. */
+/** One entry of `errors`: a failed attempt, or one given back for a fault of the worker's own. */
 export interface JobAttemptError extends JobError {
   attempt: number
   worker_id: string | null
   at: string
+  /** The worker's own fault (storage refused, a model that cannot load there): no attempt spent. */
+  worker_fault?: boolean
+  scope?: string
 }
 
 /** One published file: `{bucket}/{user_id}/{job_id}/{index}.{ext}` in Supabase Storage. */
@@ -78,7 +85,27 @@ export interface JobResult {
 
 export type Json = string | number | boolean | null | Json[] | { [key: string]: Json }
 
-/** A `public.jobs` row as the owner reads it. */
+/** The live preview of a running job: one object in the job type's bucket, overwritten as it forms. */
+export interface JobPreview {
+  bucket: string
+  path: string
+  url: string
+  content_type: string
+  width?: number
+  height?: number
+  step?: number
+  steps?: number
+  frames?: number
+  updated_at?: string
+  /** Kept on the completed row (the operator's choice); else null once the job leaves processing. */
+  kept?: boolean
+  [key: string]: unknown
+}
+
+/**
+ * A `public.jobs` row as the owner reads it. Written by hand: tests/test_realtime.py checks every
+ * field against the columns of the migrated table (name, nullability, kind).
+ */
 export interface JobRow {
   id: string
   user_id: string | null
@@ -87,6 +114,8 @@ export interface JobRow {
   status: JobStatus
   payload: { [key: string]: Json }
   priority: number
+  /** Round-robin place within the priority (users take turns); set at insert. */
+  turn: number
   run_at: string
   attempts: number
   max_attempts: number
@@ -105,12 +134,19 @@ export interface JobRow {
   started_at: string | null
   finished_at: string | null
   updated_at: string
+  /** The worker's estimate while processing; null when unknown or not processing. */
+  estimated_completion_at: string | null
+  preview: JobPreview | null
 }
 
-/** What the broadcast trigger sends to `job:<id>` (event `job`) on each visible change. */
+/**
+ * What the broadcast trigger sends (event `job`) to `job:<id>` on each visible change, and to
+ * `jobs:<user_id>` on each visible change and on insert.
+ */
 export type JobUpdate = Pick<
   JobRow,
   | 'id'
+  | 'job_type'
   | 'status'
   | 'progress'
   | 'stage'
@@ -119,11 +155,19 @@ export type JobUpdate = Pick<
   | 'attempts'
   | 'max_attempts'
   | 'cancel_requested'
+  | 'created_at'
+  | 'started_at'
+  | 'finished_at'
   | 'updated_at'
 >
 
+/** Event `job_live` on the same topics: a running job's preview or estimate moved. */
+export type JobLiveUpdate = Pick<JobRow, 'id' | 'preview' | 'estimated_completion_at' | 'updated_at'>
+
 export const JOB_BROADCAST_EVENT = 'job'
+export const JOB_LIVE_EVENT = 'job_live'
 export const jobTopic = (id: string): string => `job:${id}`
+export const userJobsTopic = (userId: string): string => `jobs:${userId}`
 
 // --- submit ------------------------------------------------------------------------------
 
@@ -253,14 +297,12 @@ export function watchJob(
     }
   }
 
-  const offer = (update: Partial<JobRow>, source: WatchSource): void => {
+  const offer = (update: Partial<JobRow>, source: WatchSource, live = false): void => {
     if (finished || update.id !== id) return
-    if (current && !isNewer(update, current)) {
-      // An older or repeated version: it may still carry columns a broadcast leaves out.
-      current = { ...update, ...current } as JobRow
-      return
-    }
-    current = { ...(current ?? ({} as JobRow)), ...update }
+    const merged = live ? mergeLive(current, update) : mergeUpdate(current, update)
+    if (merged === null) return
+    current = merged.row
+    if (!merged.moved) return
     onChange(current, source)
     if (isTerminal(current.status)) {
       const row = current
@@ -293,6 +335,9 @@ export function watchJob(
           .channel(jobTopic(id), { config: { private: true } })
           .on<JobUpdate>('broadcast', { event: JOB_BROADCAST_EVENT }, (message) =>
             offer(message.payload, 'broadcast'),
+          )
+          .on<JobLiveUpdate>('broadcast', { event: JOB_LIVE_EVENT }, (message) =>
+            offer(message.payload, 'broadcast', true),
           )
     channel = ch
     ch.subscribe((status, err) => {
@@ -332,6 +377,165 @@ export function watchJob(
       rejectDone(new Error(`stopped watching job ${id}`))
     },
   }
+}
+
+// --- watch a user's jobs on one channel ---------------------------------------------------
+
+export interface JobListCallbacks {
+  /** A job of the user's was created or moved forward: its merged row. */
+  onChange?: (row: JobRow, source: WatchSource) => void
+  /** The newest rows as read from the database, at start and after each (re)subscribe. */
+  onSync?: (rows: JobRow[]) => void
+  /** A job left the table (retention pruning, the user deleted); Postgres Changes only. */
+  onRemove?: (id: string) => void
+  /** A channel failed; the watch goes on with the fallback or re-reads. */
+  onError?: (err: Error) => void
+}
+
+export interface JobListOptions {
+  /** How many of the newest jobs the (re)subscribe read returns; default 50. */
+  limit?: number
+  /** Skip Broadcast and use Postgres Changes (`user_id=eq.<id>`) only. */
+  postgresChangesOnly?: boolean
+}
+
+export interface JobListWatch {
+  /** The jobs seen so far, newest first. */
+  readonly jobs: () => JobRow[]
+  readonly get: (id: string) => JobRow | undefined
+  /** Remove the channel. */
+  readonly stop: () => Promise<void>
+}
+
+/**
+ * Follow every job of `userId` (the signed-in user) on one channel: the private broadcast topic
+ * `jobs:<user_id>`, or Postgres Changes filtered on `user_id` when it cannot be joined. The
+ * newest rows are re-read on each (re)subscribe, so nothing sent while disconnected is missed.
+ */
+export function watchJobs(
+  supabase: AnySupabaseClient,
+  userId: string,
+  callbacks: JobListCallbacks,
+  opts: JobListOptions = {},
+): JobListWatch {
+  const rows = new Map<string, JobRow>()
+  let channel: RealtimeChannel | null = null
+  let stopped = false
+
+  const offer = (update: Partial<JobRow>, source: WatchSource, live = false): void => {
+    if (stopped || typeof update.id !== 'string') return
+    const current = rows.get(update.id) ?? null
+    const merged = live ? mergeLive(current, update) : mergeUpdate(current, update)
+    if (merged === null) return
+    rows.set(update.id, merged.row)
+    if (merged.moved) callbacks.onChange?.(merged.row, source)
+  }
+
+  const reread = async (): Promise<void> => {
+    const { data, error } = await supabase
+      .from('jobs')
+      .select('*')
+      .eq('user_id', userId)
+      .order('created_at', { ascending: false })
+      .limit(opts.limit ?? 50)
+    if (error) {
+      callbacks.onError?.(new Error(`reading the jobs of ${userId}: ${error.message}`))
+      return
+    }
+    for (const row of (data ?? []) as JobRow[]) offer(row, 'read')
+    if (!stopped) callbacks.onSync?.(newestFirst(rows))
+  }
+
+  const subscribe = (usePostgresChanges: boolean): void => {
+    if (stopped) return
+    const ch = usePostgresChanges
+      ? supabase.channel(`jobs-changes:${userId}`).on<JobRow>(
+          'postgres_changes',
+          { event: '*', schema: 'public', table: 'jobs', filter: `user_id=eq.${userId}` },
+          (change) => {
+            if (change.eventType === 'DELETE') {
+              const gone = (change.old as Partial<JobRow>).id
+              if (gone !== undefined && rows.delete(gone)) callbacks.onRemove?.(gone)
+            } else {
+              offer(change.new as JobRow, 'postgres_changes')
+            }
+          },
+        )
+      : supabase
+          .channel(userJobsTopic(userId), { config: { private: true } })
+          .on<JobUpdate>('broadcast', { event: JOB_BROADCAST_EVENT }, (message) =>
+            offer(message.payload, 'broadcast'),
+          )
+          .on<JobLiveUpdate>('broadcast', { event: JOB_LIVE_EVENT }, (message) =>
+            offer(message.payload, 'broadcast', true),
+          )
+    channel = ch
+    ch.subscribe((status, err) => {
+      if (stopped || channel !== ch) return
+      if (status === 'SUBSCRIBED') {
+        void reread()
+      } else if (status === 'CHANNEL_ERROR' || status === 'TIMED_OUT') {
+        callbacks.onError?.(err ?? new Error(`${ch.topic}: ${status}`))
+        if (!usePostgresChanges) {
+          channel = null
+          void supabase.removeChannel(ch).then(() => subscribe(true))
+        }
+      }
+    })
+  }
+
+  void supabase.realtime
+    .setAuth()
+    .catch((err: unknown) => callbacks.onError?.(err instanceof Error ? err : new Error(String(err))))
+    .finally(() => subscribe(opts.postgresChangesOnly === true))
+
+  return {
+    jobs: () => newestFirst(rows),
+    get: (id) => rows.get(id),
+    stop: async () => {
+      stopped = true
+      if (channel) {
+        const ch = channel
+        channel = null
+        await supabase.removeChannel(ch)
+      }
+    },
+  }
+}
+
+function newestFirst(rows: Map<string, JobRow>): JobRow[] {
+  return [...rows.values()].sort((a, b) => (a.created_at < b.created_at ? 1 : a.created_at > b.created_at ? -1 : 0))
+}
+
+interface Merged {
+  row: JobRow
+  /** The row moved forward (callers report it); false: an older or repeated version. */
+  moved: boolean
+}
+
+/** Updates arrive from several sources and may repeat or interleave: older ones only fill gaps. */
+function mergeUpdate(current: JobRow | null, update: Partial<JobRow>): Merged {
+  if (current === null) return { row: update as JobRow, moved: true }
+  if (!isNewer(update, current)) {
+    // It may still carry columns a broadcast leaves out (payload, user_id, ...).
+    return { row: { ...update, ...current } as JobRow, moved: false }
+  }
+  return { row: { ...current, ...update }, moved: true }
+}
+
+/** A `job_live` message sets only the live columns, unless the row has moved past it. */
+function mergeLive(current: JobRow | null, live: Partial<JobRow>): Merged | null {
+  if (current === null || current.status === undefined || isTerminal(current.status)) return null
+  if (live.updated_at !== undefined && current.updated_at !== undefined &&
+      microseconds(live.updated_at) < microseconds(current.updated_at)) {
+    return null
+  }
+  const row: JobRow = {
+    ...current,
+    preview: live.preview ?? null,
+    estimated_completion_at: live.estimated_completion_at ?? null,
+  }
+  return { row, moved: true }
 }
 
 /** Terminal rows never change; otherwise the later `updated_at` wins (ties: same version). */
