@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import statistics
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -235,8 +236,6 @@ class StepProgress:
         self._last_step = 0.0
         self._recent: deque[float] = deque(maxlen=8)  # the last steps' seconds: this job's step time
         self.decode_seconds = 0.0
-        if estimate is not None:
-            ctx.estimate(estimate.before_start(self.per_call))
 
     def begin_call(self) -> None:
         self.in_call = 0
@@ -270,7 +269,7 @@ class StepProgress:
         self.done += 1
         total = self.per_call * self.calls
         if self.estimate is not None:
-            step_seconds = sum(self._recent) / len(self._recent)
+            step_seconds = statistics.median(self._recent)  # a first step's warm-up is no step time
             self.ctx.estimate(self.estimate.remaining(total - self.done, step_seconds,
                                                       self.calls - self.calls_begun + 1))
         fraction = self.start + (self.end - self.start) * min(1.0, self.done / total)

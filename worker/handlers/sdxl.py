@@ -237,7 +237,7 @@ class SdxlHandler:
         timer = Timer()
         load_seconds, self._unreported_load = self._unreported_load, 0.0
 
-        ctx.estimate(None)  # the stages estimate the time left (StepProgress), not the progress rate
+        ctx.estimate(self._expected_seconds(request))  # from the stages (StepProgress), not the progress rate
         ctx.progress(0.01, STAGE_ENCODING)
         embeds = self._encode(request)
         timer.lap("encode")
@@ -311,6 +311,12 @@ class SdxlHandler:
                 prompt=request.prompt, device=self.pipe._execution_device, num_images_per_prompt=1,
                 do_classifier_free_guidance=request.guidance_scale > 1.0, negative_prompt=request.negative_prompt,
             ))
+
+    def _expected_seconds(self, request: SdxlRequest) -> float | None:
+        """The whole job from this handler's earlier ones, before anything of it is measured."""
+        steps = request.steps if request.reference is None else max(1, int(request.steps * request.denoising_strength))
+        work = work_units(request.width, request.height, images=request.num_images)
+        return DiffusionEstimate(self.stage_history, SDXL_PRIORS, work).before_start(steps)
 
     def _generate_with_retry(self, job: Job, ctx: JobContext, request: SdxlRequest, embeds: tuple[Any, ...],
                              reference: Image.Image | None) -> tuple[list[Image.Image], list[int], StepProgress]:

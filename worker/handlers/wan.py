@@ -377,7 +377,7 @@ class WanHandler:
         timer = Timer()
         load_seconds, self._unreported_load = self._unreported_load, 0.0
 
-        ctx.estimate(None)  # the stages estimate the time left (StepProgress), not the progress rate
+        ctx.estimate(self._expected_seconds(request))  # from the stages (StepProgress), not the progress rate
         ctx.progress(0.01, STAGE_ENCODING)
         enhancement = self._enhance(ctx, request) if request.enhance else None
         prompt = enhancement["enhanced_prompt"] if enhancement else request.prompt
@@ -525,6 +525,11 @@ class WanHandler:
                 do_classifier_free_guidance=request.guidance_scale > 1.0, num_videos_per_prompt=1,
                 max_sequence_length=TEXT_TOKENS, device=pipe._execution_device,
             )
+
+    def _expected_seconds(self, request: WanRequest) -> float | None:
+        """The whole job from this handler's earlier ones, before anything of it is measured (no enhancement)."""
+        work = work_units(request.width, request.height, frames=request.frames)
+        return DiffusionEstimate(self.stage_history, WAN_PRIORS, work).before_start(request.steps)
 
     def _generate(self, job: Job, ctx: JobContext, pipe: Any, kind: str, request: WanRequest,
                   embeds: tuple[Any, Any], references: References,
