@@ -431,3 +431,76 @@ def test_owners_read_the_live_columns_but_only_the_worker_writes_them(
                        ).fetchall()
     assert {m["topic"] for m in sent} == {f"job:{job_id}", f"jobs:{owner}"}
     assert all(m["payload"]["preview"] == preview and m["payload"]["estimated_completion_at"] for m in sent)
+
+
+# --- the frontend helper --------------------------------------------------------------------
+
+WATCH_SCRIPT = """
+import { watchJob, secondsLeft } from './jobs.js'
+
+async function watch(kept) {
+  const handlers = {}
+  let subscribed
+  const channel = {
+    topic: 'job:J',
+    on(type, filter, cb) { handlers[filter.event] = cb; return channel },
+    subscribe(cb) { subscribed = cb; return channel },
+  }
+  const first = { id: 'J', status: 'processing', progress: 10, updated_at: '2026-12-01T00:00:00.000001Z',
+                  preview: null, estimated_completion_at: null }
+  const supabase = {
+    channel: () => channel,
+    removeChannel: async () => {},
+    realtime: { setAuth: async () => {} },
+    from: () => ({ select: () => ({ eq: () => ({ maybeSingle: async () => ({ data: first, error: null }) }) }) }),
+  }
+  const previews = [], estimates = []
+  const w = watchJob(supabase, 'J', (row) => estimates.push(row.estimated_completion_at),
+                     { onPreview: (url, step) => previews.push([url, step]) })
+  while (!subscribed) await new Promise((r) => setTimeout(r, 1))
+  subscribed('SUBSCRIBED')
+  await new Promise((r) => setTimeout(r, 5))
+  const live = (url, step, at, eta) => handlers.job_live({ payload: {
+    id: 'J', preview: { bucket: 'b', path: 'p', url, content_type: 'image/png', step, kept },
+    estimated_completion_at: eta, updated_at: at } })
+  const later = new Date(Date.now() + 60000).toISOString()
+  live('u?v=1-2', 2, '2026-12-01T00:00:00.000002Z', later)
+  live('u?v=1-2', 2, '2026-12-01T00:00:00.000002Z', later)   // a repeat: no second preview
+  live('u?v=1-4', 4, '2026-12-01T00:00:00.000003Z', later)
+  live('u?v=1-0', 0, '2026-12-01T00:00:00.000000Z', later)   // older than the row: dropped
+  const left = secondsLeft(w.current())
+  handlers.job({ payload: { id: 'J', status: 'completed', progress: 100, updated_at: '2026-12-01T00:00:01Z' } })
+  const final = await w.done
+  return { previews, estimates, left, preview: final.preview, eta: final.estimated_completion_at }
+}
+
+console.log(JSON.stringify({ removed: await watch(false), kept: await watch(true) }))
+"""
+
+
+def test_watch_job_reports_each_new_preview_and_settles_the_live_columns_at_the_end(tmp_path: Path) -> None:
+    """realtime/src/jobs.ts compiled with the project's TypeScript and run by node against a stand-in
+    of supabase-js's channel API: broadcasts as the migration's triggers send them."""
+    import json
+    import shutil
+    import subprocess
+
+    realtime = Path(__file__).resolve().parent.parent / "realtime"
+    tsc = realtime / "node_modules" / ".bin" / "tsc"
+    if not shutil.which("node") or not tsc.exists():
+        pytest.skip("node and realtime/node_modules (npm install --prefix realtime) are needed")
+    subprocess.run([str(tsc), str(realtime / "src" / "jobs.ts"), "--outDir", str(tmp_path), "--target", "ES2022",
+                    "--module", "ESNext", "--moduleResolution", "bundler", "--skipLibCheck"],
+                   check=True, capture_output=True, timeout=120)
+    (tmp_path / "package.json").write_text('{"type": "module"}')
+    (tmp_path / "watch.mjs").write_text(WATCH_SCRIPT)
+    out = subprocess.run(["node", "watch.mjs"], cwd=tmp_path, check=True, capture_output=True, text=True,
+                         timeout=60)
+    seen = json.loads(out.stdout)
+    removed, kept = seen["removed"], seen["kept"]
+    assert removed["previews"] == [["u?v=1-2", 2], ["u?v=1-4", 4]]  # each new one once, old ones dropped
+    assert removed["estimates"][0] is None and removed["estimates"][-1] is None  # before, and after the end
+    assert any(e is not None for e in removed["estimates"])  # the estimate came with onChange
+    assert 55 < removed["left"] <= 60
+    assert removed["preview"] is None and removed["eta"] is None  # as jobs_live_reset leaves the row
+    assert kept["preview"]["url"] == "u?v=1-4" and kept["eta"] is None

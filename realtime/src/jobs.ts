@@ -255,6 +255,11 @@ export interface WatchOptions {
   postgresChangesOnly?: boolean
   /** Called when a channel fails; the watch goes on with the fallback or re-reads. */
   onError?: (err: Error) => void
+  /**
+   * A new live preview of the running job (SDXL/WAN, every few steps): show `url` (a new URL each
+   * time, so no cache serves an old one). The estimate is `row.estimated_completion_at` in `onChange`.
+   */
+  onPreview?: (url: string, step: number | null, preview: JobPreview) => void
 }
 
 export interface JobWatch {
@@ -301,8 +306,11 @@ export function watchJob(
     if (finished || update.id !== id) return
     const merged = live ? mergeLive(current, update) : mergeUpdate(current, update)
     if (merged === null) return
+    const shown = current?.preview?.url
     current = merged.row
     if (!merged.moved) return
+    const preview = current.preview
+    if (preview && preview.url !== shown) opts.onPreview?.(preview.url, preview.step ?? null, preview)
     onChange(current, source)
     if (isTerminal(current.status)) {
       const row = current
@@ -390,6 +398,8 @@ export interface JobListCallbacks {
   onRemove?: (id: string) => void
   /** A channel failed; the watch goes on with the fallback or re-reads. */
   onError?: (err: Error) => void
+  /** A running job of the user's has a new live preview (see WatchOptions.onPreview). */
+  onPreview?: (row: JobRow, preview: JobPreview) => void
 }
 
 export interface JobListOptions {
@@ -428,7 +438,10 @@ export function watchJobs(
     const merged = live ? mergeLive(current, update) : mergeUpdate(current, update)
     if (merged === null) return
     rows.set(update.id, merged.row)
-    if (merged.moved) callbacks.onChange?.(merged.row, source)
+    if (!merged.moved) return
+    const preview = merged.row.preview
+    if (preview && preview.url !== current?.preview?.url) callbacks.onPreview?.(merged.row, preview)
+    callbacks.onChange?.(merged.row, source)
   }
 
   const reread = async (): Promise<void> => {
@@ -520,7 +533,23 @@ function mergeUpdate(current: JobRow | null, update: Partial<JobRow>): Merged {
     // It may still carry columns a broadcast leaves out (payload, user_id, ...).
     return { row: { ...update, ...current } as JobRow, moved: false }
   }
-  return { row: { ...current, ...update }, moved: true }
+  return { row: settle({ ...current, ...update }), moved: true }
+}
+
+/**
+ * What the database does when a run ends (jobs_live_reset), for rows merged from a `job` broadcast,
+ * which leaves the live columns out: no estimate, and no preview unless kept on a completed job.
+ */
+function settle(row: JobRow): JobRow {
+  if (row.status === undefined || row.status === 'processing') return row
+  const kept = row.status === 'completed' && row.preview?.kept === true
+  return { ...row, estimated_completion_at: null, preview: kept ? row.preview : null }
+}
+
+/** Seconds until the worker expects the job to end (never below 0), or null when it has no estimate. */
+export function secondsLeft(row: Pick<JobRow, 'estimated_completion_at'>, now: number = Date.now()): number | null {
+  if (!row.estimated_completion_at) return null
+  return Math.max(0, (Date.parse(row.estimated_completion_at) - now) / 1000)
 }
 
 /** A `job_live` message sets only the live columns, unless the row has moved past it. */
