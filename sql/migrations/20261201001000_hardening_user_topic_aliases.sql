@@ -53,15 +53,16 @@ create policy "users receive their job list broadcasts" on realtime.messages
     and topic = 'jobs:' || (select auth.uid())::text
   );
 
--- 4. The old worker's job types (seed 000), each the preset it ran as: same queue, handler, model,
---    bucket and defaults, marked with `alias_of` like chat_unrestricted. A payload's config still
---    overrides the defaults. A name the project already uses is left alone.
+-- 4. The old worker's job types (seed 000), each the preset it ran as: a copy of that row (queue,
+--    handler, model, bucket, defaults, limits, every column), its defaults marked with `alias_of`
+--    like chat_unrestricted. A payload's config still overrides the defaults. A name the project
+--    already uses is left alone.
 insert into public.job_types
-  (name, queue, handler, model, content_type, file_extension, bucket, defaults, expected_seconds, max_attempts,
-   enabled, description)
-select alias.name, t.queue, t.handler, t.model, t.content_type, t.file_extension, t.bucket,
-       t.defaults || jsonb_build_object('alias_of', t.name), t.expected_seconds, t.max_attempts, t.enabled,
-       format('Old worker name; runs as %s', t.name)
+select (jsonb_populate_record(null::public.job_types, to_jsonb(t) || jsonb_build_object(
+  'name', alias.name,
+  'defaults', t.defaults || jsonb_build_object('alias_of', t.name),
+  'description', format('Old worker name; runs as %s', t.name),
+  'created_at', now(), 'updated_at', now()))).*
 from (values ('sdxl_generate', 'sdxl_image_high'),
              ('wan_video', 'video_fast'),
              ('wan_image', 'image_fast')) as alias (name, target)
