@@ -289,15 +289,6 @@ class Settings(BaseSettings):
             raise ValueError("three ascending positive ratios: medium, high, critical")
         return value
 
-    @cached_property
-    def resolved_worker_id(self) -> str:
-        return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-
-    @property
-    def home_dir(self) -> Path:
-        return self.home.expanduser().resolve()
-
-    @property
     @field_validator("db_reply_timeout")
     @classmethod
     def reply_after_statement(cls, value: float, info: ValidationInfo) -> float:
@@ -307,6 +298,15 @@ class Settings(BaseSettings):
                              "would drop its connection")
         return value
 
+    @cached_property
+    def resolved_worker_id(self) -> str:
+        return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
     def storage_dir(self) -> Path:
         return self.home_dir / "storage"
 
