@@ -287,6 +287,8 @@ READ_DASHBOARD = "SELECT * FROM public.{view} LIMIT %(limit)s"
 LIST_JOB_TYPES = "SELECT * FROM public.job_types ORDER BY queue, name"
 
 # -- upsert_job_type -- register a type served by a custom handler.
+# A NULL parameter keeps the existing row's value (a new row: the column default). NOT NULL is
+# checked on the proposed row before the conflict is seen, hence the old values in VALUES too.
 UPSERT_JOB_TYPE = """
 INSERT INTO public.job_types AS t (name, queue, handler, defaults, max_attempts, content_type, bucket,
                                    file_extension, expected_seconds, description, enabled)
@@ -308,8 +310,6 @@ RETURNING t.*, (t.xmax = 0) AS created
 """
 
 
-# A NULL parameter keeps the existing row's value (a new row: the column default). NOT NULL is
-# checked on the proposed row before the conflict is seen, hence the old values in VALUES too.
 def _db_retry(fn: Callable[P, R]) -> Callable[P, R]:
     """Transient database errors (restart, failover) are retried in-process for a while."""
     return retry(
