@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -68,17 +69,18 @@ DEMO_JOBS = [
             "failed", "temperature out of range: INVALID_INPUT"),
     # SDXL and WAN on tiny random-weight pipelines built offline: noise pictures, the real path.
     DemoJob("sdxl_image_fast", {"prompt": "a lighthouse at dusk, oil painting",
-                                "config": {"width": 64, "height": 64, "steps": 4, "num_images": 3, "seed": 42}},
-            "completed", "SDXL batch of 3 (seeds 42-44): PNGs with prompt/seed metadata"),
+                                "config": {"width": 64, "height": 64, "steps": 30, "num_images": 3, "seed": 42}},
+            "completed", "SDXL batch of 3 (seeds 42-44): PNGs with prompt/seed metadata, live previews"),
     DemoJob("video_fast", {"prompt": "waves rolling onto a beach at sunset",
-                           "config": {"width": 64, "height": 64, "steps": 3, "frame_num": 9, "seed": 7}},
-            "completed", "WAN 2.1 9-frame clip: H.264 MP4 + PNG thumbnail"),
+                           "config": {"width": 64, "height": 64, "steps": 30, "frame_num": 9, "seed": 7}},
+            "completed", "WAN 2.1 9-frame clip: H.264 MP4 + PNG thumbnail, live previews of its frames"),
 ]
 
 
 def run_demo(settings: Settings, console: Console, concurrency: int = 2) -> bool:
+    # Progress written up to ten times a second: the tiny models' jobs take a second or less.
     settings = settings.model_copy(update={"concurrency": concurrency, "retry_base_seconds": 0.5,
-                                           "lease_seconds": 10.0})
+                                           "lease_seconds": 10.0, "progress_interval": 0.1})
     console.print(f"[bold]ourvidz-worker demo[/] — state in {settings.home_dir}")
     url = db.resolve_database_url(settings)
     console.print(f"database: {'DATABASE_URL' if settings.database_url else 'embedded Postgres'} ({url})")
@@ -165,7 +167,9 @@ def demo_diffusion_handlers(settings: Settings, console: Console) -> dict[str, H
 
     models = build_tiny_models(settings.home_dir / "models", i2v=False)
     console.print(f"diffusion models: tiny random-weight SDXL and WAN 2.1 under {models['sdxl'].parent}")
-    tiny = settings.model_copy(update={"diffusion_device": "cpu", "diffusion_dtype": "float32"})
+    # Tiny models denoise in milliseconds: a preview every other step, at most every 0.1 s, so that they show.
+    tiny = settings.model_copy(update={"diffusion_device": "cpu", "diffusion_dtype": "float32",
+                                       "preview_every_steps": 2, "preview_min_seconds": 0.1})
     return {"sdxl": SdxlHandler(tiny, model=str(models["sdxl"])),
             "wan": WanHandler(tiny, model=str(models["wan"]), vace_model=str(models["wan_vace"]), i2v_model="")}
 
@@ -186,21 +190,33 @@ def follow(queue: JobQueue, ids: list[UUID], console: Console,
     """Show live progress bars for `ids` until every row is terminal; return the final rows."""
     columns = (TextColumn("{task.fields[short]}"), TextColumn("{task.description}", style="dim"), BarColumn(),
                TextColumn("{task.percentage:>3.0f}%"), TextColumn("{task.fields[status]}"),
-               TextColumn("{task.fields[stage]}", style="dim"))
+               TextColumn("{task.fields[stage]}", style="dim"), TextColumn("{task.fields[live]}", style="cyan"))
     deadline = time.monotonic() + timeout
     with Progress(*columns, console=console) as progress:
         tasks = [progress.add_task((labels[i] if labels else ""), total=100, short=str(job_id)[:8],
-                                   status="", stage="") for i, job_id in enumerate(ids)]
+                                   status="", stage="", live="") for i, job_id in enumerate(ids)]
         while True:
             rows = [_row(queue, job_id) for job_id in ids]
             for task, row in zip(tasks, rows, strict=True):
                 progress.update(task, completed=row.get("progress", 0), status=_colored(row.get("status", "?")),
-                                stage=row.get("stage") or "")
+                                stage=row.get("stage") or "", live=_live(row))
             if on_tick:
                 on_tick(rows)
             if all(row.get("status") in TERMINAL for row in rows) or time.monotonic() > deadline:
                 return rows
             time.sleep(0.1)
+
+
+def _live(row: dict[str, Any]) -> str:
+    """What a watcher sees of a running job besides progress: the estimate and the preview's URL."""
+    parts = []
+    eta = row.get("estimated_completion_at")
+    if eta is not None:
+        parts.append(f"~{max(0.0, (eta - datetime.now(UTC)).total_seconds()):.1f}s left")
+    preview = row.get("preview")
+    if preview:
+        parts.append(f"preview {preview.get('step')}/{preview.get('steps')}: {preview['url'].rsplit('/', 1)[-1]}")
+    return "  ".join(parts)
 
 
 def _row(queue: JobQueue, job_id: UUID) -> dict[str, Any]:
