@@ -386,6 +386,8 @@ def test_export_after_migrate_tells_the_cli_what_migrate_applied(
 
 def test_export_refuses_a_conflict_and_writes_nothing(tmp_path: Path) -> None:
     folder = tmp_path / "migrations"
+    result = CliRunner().invoke(app, ["supabase", "export", "--dir", str(folder)])
+    assert result.exit_code == 1 and "no Supabase project" in result.output and not folder.exists()
     folder.mkdir()
     first = db.discover_migrations(Settings().migrations_dir)[0]
     (folder / f"{first.version}_their_own.sql").write_text("select 1;")

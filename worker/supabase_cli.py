@@ -99,6 +99,9 @@ def export_command(
 ) -> None:
     """Write the ourvidz migrations into a Supabase project's supabase/migrations for `supabase db push`."""
     migrations = db.discover_migrations(Settings().migrations_dir)
+    if not folder.exists() and not (folder.parent / "config.toml").exists():
+        raise _fail(f"{folder} does not exist and {folder.parent} is no Supabase project (no config.toml): "
+                    "run this in the project (after `supabase init`) or pass --dir")
     try:
         export = export_migrations(migrations, folder, force=force)
     except (ExportConflict, OSError) as err:
