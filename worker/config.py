@@ -215,6 +215,11 @@ class Settings(BaseSettings):
                     "before it tries that work again; doubles per repeat.",
     )
     fault_retry_max_seconds: float = Field(default=300.0, gt=0, description="Cap of fault_retry_seconds' backoff.")
+    rescue_grace_seconds: float | None = Field(
+        default=None, gt=0,
+        description="Seconds of working database connections a worker waits before rescuing others' expired "
+                    "leases (after an outage, live workers need that long to reconnect and renew). Unset: two leases.",
+    )
 
     # Every connection (pool, LISTEN, CLI): a dead peer is noticed in bounded time, not never.
     db_connect_timeout: int = Field(

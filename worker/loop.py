@@ -28,6 +28,7 @@ import psycopg
 from worker import db
 from worker.config import Settings
 from worker.estimate import LiveUpdate
+from worker.faults import worker_fault_of
 from worker.handlers.base import (
     Handler,
     JobCanceled,
@@ -48,6 +49,7 @@ VERSION = "0.1.0"
 CHANNEL_JOBS = "ourvidz_jobs"
 CHANNEL_CANCEL = "ourvidz_cancel"
 CHANNEL_TYPES = "ourvidz_types"
+SLOW_PREPARE_SECONDS = 0.25  # a job still validating or fetching references after this holds no job slot
 
 
 class Worker:
@@ -69,7 +71,7 @@ class Worker:
         self.stats = WorkerStats()
         self.pool = db.make_pool(self.url, settings.pool_size + 1, name=f"worker-{self.id}",
                                  prepare=settings.prepare_statements, check=False,
-                                 async_commit=settings.async_commit)
+                                 async_commit=settings.async_commit, settings=settings)
         self.queue = JobQueue(self.pool, self.id, settings.lease_seconds, async_commit=settings.async_commit)
 
         self._wake = threading.Event()  # the main loop has something to do
@@ -193,17 +195,29 @@ class Worker:
             if self._finished:
                 continue
             timeout = max(0.0, next_poll - time.monotonic()) if free > 0 and claimable else 1.0
+            slow = self._slow_preparing()
+            if self._preparing():
+                timeout = min(timeout, SLOW_PREPARE_SECONDS)  # a job turning slow frees its slot
             self._wake.wait(timeout)
             self._wake.clear()
-            if self._notified.is_set():
+            if self._notified.is_set() or self._slow_preparing() > slow:
                 more_maybe = True
 
     def _free_slots(self) -> int:
-        """Job slots free now: jobs still fetching their references hold none (up to prepare_slots)."""
+        """Job slots free now: a job slow to fetch its references holds none (up to prepare_slots). Only a
+        slow one: counting every job while it validates would claim past the concurrency at each claim."""
         with self._running_lock:
-            preparing = sum(1 for r in self._running.values() if r.preparing)
             claimed = len(self._running)
-        return self.settings.concurrency - claimed + min(preparing, self.settings.prepare_slots)
+        return self.settings.concurrency - claimed + min(self._slow_preparing(), self.settings.prepare_slots)
+
+    def _preparing(self) -> bool:
+        with self._running_lock:
+            return any(r.preparing for r in self._running.values())
+
+    def _slow_preparing(self) -> int:
+        since = time.monotonic() - SLOW_PREPARE_SECONDS
+        with self._running_lock:
+            return sum(1 for r in self._running.values() if r.preparing and r.started < since)
 
     def _claimable_types(self) -> list[str]:
         """The served types no fault of this worker's own (storage, a model, the device) blocks."""
@@ -332,6 +346,8 @@ class Worker:
         """Turn one job's result or exception into the outcome the main loop writes."""
         outcome = self._outcome(job, ctx, value)
         ctx.cleanup()
+        if outcome is not None and outcome.status != "completed":
+            ctx.discard_assets()  # a failed, retried, canceled or given-back attempt leaves nothing readable
         if outcome is not None:
             self._log_outcome(job, outcome)
             self._finished.append(outcome)
@@ -415,6 +431,8 @@ class Worker:
         except WorkerFault as fault:
             return self._give_back(job, fault)
         except BaseException as exc:
+            if (fault := worker_fault_of(exc, job.type_info.handler if job.type_info else None)) is not None:
+                return self._give_back(job, fault)  # a full disk, a broken device, a model that cannot load
             error = classify(exc)
             if error is not exc and error.code == ErrorCode.GENERATION_FAILED:  # a bug, not a known failure
                 log.error("job %s: %s raised", job.id, job.job_type, exc_info=exc, extra=job_log_fields(job, self.id))
@@ -550,10 +568,13 @@ class Worker:
                 log.exception("lease keeper error")
 
     def _may_rescue(self) -> bool:
-        """Rescue only after a full lease of working connections: when the database comes back from
-        an outage, every live worker gets one lease to renew what it holds before anyone rescues it."""
+        """Rescue only after `rescue_grace_seconds` (default two leases) of working connections: when the
+        database comes back from an outage, every live worker gets that long to reconnect (its pool backs
+        off) and renew what it holds before anyone rescues it. Jobs of workers that really died wait that
+        much longer."""
         since = self._connected_since
-        return since is not None and time.monotonic() - since >= self.settings.lease_seconds
+        grace = self.settings.rescue_grace_seconds or 2 * self.settings.lease_seconds
+        return since is not None and time.monotonic() - since >= grace
 
     def _enforce_time_limits(self) -> None:
         """Stop jobs past their type's run-time limit; a job that does not stop within the grace is given
@@ -625,15 +646,22 @@ class Worker:
         delay = 0.5
         while not self._done.is_set():
             try:
-                with db.connect(url) as conn:
+                with db.connect(url, self.settings, reply_timeout=self.settings.db_reply_timeout) as conn:
                     for channel in (CHANNEL_JOBS, CHANNEL_CANCEL, CHANNEL_TYPES):
                         conn.execute(f"LISTEN {channel}")
                     self._listening.set()
                     self._notify_claimable()  # notifies may have been missed while not listening
                     delay = 0.5
+                    quiet_since = time.monotonic()
                     while not self._done.is_set():
                         for note in conn.notifies(timeout=0.5):
+                            quiet_since = time.monotonic()
                             self._on_notify(note)
+                        if time.monotonic() - quiet_since > self.settings.db_keepalives_idle:
+                            # a silent proxy or pooler keeps a dead LISTEN "listening": ask, and reconnect if
+                            # no answer comes within the reply timeout
+                            conn.execute("SELECT 1")
+                            quiet_since = time.monotonic()
             except psycopg.Error as err:
                 if self._listening.is_set():
                     log.warning("LISTEN connection lost (%s); polling every %.1fs until it is back",
