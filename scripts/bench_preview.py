@@ -10,12 +10,13 @@ Latents: SDXL 1024x1024 -> (1, 4, 128, 128), also a batch of 6 (one grid); WAN 2
 -> (1, 16, 21, 60, 104). Random values, which cost the same as real ones.
 
 What is timed (medians of --repeat runs after a warm-up):
-  job thread, due step   LivePreview.step() on a step that publishes: the x0 estimate (Euler: from the
-                         last two samples; UniPC: the scheduler's own), the copy of what the preview
-                         shows, the hand-over. This is all the denoising loop waits for.
+  job thread, due step   LivePreview.step() on a step that publishes: the pacing decision and the
+                         hand-over of the step's tensors. This is all the denoising loop waits for.
   job thread, other step the same call on a step that does not publish.
-  background             in the preview thread: projection to RGB, to 8 bits, layout, encoding, the
-                         upload (LocalStorage in a temp folder) and the row's preview. It runs while
+  background             in the preview thread: the x0 estimate (Euler: from the last two samples;
+                         UniPC: the scheduler's own), the frames or images shown, projection to RGB,
+                         to 8 bits, layout, encoding, the upload (LocalStorage in a temp folder) and
+                         the row's preview. It runs while
                          the loop denoises; on a CPU worker it takes cores from it, on a GPU one it
                          takes none from the GPU.
   step (lower bound)     the model's FLOPs per denoising step (both guidance passes), counted by
@@ -155,14 +156,9 @@ def bench_family(name: str, family: str, shape: tuple[int, ...], args: argparse.
     job_due = median_ms(due_step, args.repeat, sync)
     job_other = median_ms(lambda: quiet.step(scheduler, latents, 3, 30), args.repeat, sync)
 
-    from worker.preview import denoised
+    from worker.preview import x0_source
 
-    x0 = denoised(scheduler, latents, previous)
-    if x0.dim() == 5:
-        index = torch.tensor([0, 7, 13, 20], device=x0.device)
-        item = _Due(x0[0].index_select(1, index).movedim(1, 0).contiguous(), "strip", 3, 30)
-    else:
-        item = _Due(x0[:6].clone(), "grid", 3, 30)
+    item = _Due(x0_source(scheduler, latents, previous), 3, 30)
     publisher = LivePreview(ctx, config, family)  # type: ignore[arg-type]
     background = median_ms(lambda: publisher._publish(item), args.repeat, sync)
     published = ctx.preview
@@ -171,7 +167,7 @@ def bench_family(name: str, family: str, shape: tuple[int, ...], args: argparse.
     step = tflops / args.peak_tflops
     cost = (job_due + background) / 1000
     share = cost / max(5 * step, 2.0) * 100
-    print(f"{name:<34} job thread {job_due:7.2f} ms due, {job_other * 1000:6.1f} us other | background "
+    print(f"{name:<34} job thread {job_due * 1000:6.1f} us due, {job_other * 1000:5.1f} us other | background "
           f"{background:7.2f} ms | preview {published['width']}x{published['height']} "
           f"{published['size'] / 1024:.0f} KiB"
           f" | step >= {step:8.2f} s ({tflops:.1f} TFLOP) | share <= {share:.2g} % | 2 % at a "

@@ -317,7 +317,10 @@ def test_the_row_names_the_preview_while_the_job_runs_and_not_after(
 
     def seen(row: dict[str, Any]) -> None:
         if row["preview"]:
-            present.append(worker_storage.root.joinpath(row["preview"]["bucket"], row["preview"]["path"]).is_file())
+            exists = worker_storage.root.joinpath(row["preview"]["bucket"], row["preview"]["path"]).is_file()
+            again = queue.get_job(job_id)
+            if again and again["preview"] == row["preview"]:  # still named after the look: it must be there
+                present.append(exists)
 
     rows = watch(job_id, seen)
     final = rows[-1]

@@ -2,10 +2,11 @@
 will decode to is published to the job's folder in its bucket (one object, overwritten) and named in
 the row's `preview`, so Realtime carries it to the frontend (docs/previews.md).
 
-The job thread only decides whether a step is due and copies the few latents a preview shows (on
-the GPU that is an asynchronous copy); projecting them to RGB, encoding the image and uploading it
-happen in a thread of the job's own. One preview waits at most: a newer step replaces one not yet
-published, so a slow upload never queues work and never holds up denoising.
+The job thread only decides whether a step is due and takes references to the step's tensors
+(which the next step replaces rather than overwrites); estimating the clean latents, projecting
+them to RGB, encoding the image and uploading it happen in a thread of the job's own. One preview
+waits at most: a newer step replaces one not yet published, so a slow upload never queues work and
+never holds up denoising.
 
 What a preview shows is the current estimate of the denoised latents (x0), not the noisy sample:
 the x0 prediction the scheduler keeps (UniPC with predict_x0, DPM-Solver++), or for Euler, x0
@@ -167,23 +168,29 @@ class DecoderProjection:
             return _decoders[key]
 
 
-def denoised(scheduler: Any, latents: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-    """The scheduler's current estimate of the clean latents after a step (see the module docstring)."""
+def x0_source(scheduler: Any, latents: torch.Tensor, previous: torch.Tensor | None) -> Callable[[], torch.Tensor]:
+    """How to get the scheduler's current estimate of the clean latents after a step (see the module
+    docstring), without computing it: the job thread only takes the references (these tensors are
+    replaced, never written in place, by the step that follows), the preview thread computes."""
     config = getattr(scheduler, "config", {})
     outputs = getattr(scheduler, "model_outputs", None)
     keeps_x0 = config.get("predict_x0", False) or "++" in str(config.get("algorithm_type", ""))
     if outputs and keeps_x0 and outputs[-1] is not None and outputs[-1].shape == latents.shape:
-        return outputs[-1]
+        prediction = outputs[-1]
+        return lambda: prediction
     if previous is not None and type(scheduler).__name__ == "EulerDiscreteScheduler":
         index = getattr(scheduler, "step_index", None)
-        sigmas = getattr(scheduler, "sigmas", None)
+        sigmas = getattr(scheduler, "sigmas", None)  # kept on the CPU by diffusers: no device sync here
         if isinstance(index, int) and sigmas is not None and 1 <= index < len(sigmas):
             # Euler: x_next = x + d * (sigma_next - sigma) with d = (x - x0) / sigma, so x0 = x - sigma * d.
             sigma, sigma_next = float(sigmas[index - 1]), float(sigmas[index])
             if sigma_next != sigma:
-                slope = (latents - previous) / (sigma_next - sigma)
-                return previous - sigma * slope
-    return latents
+                return lambda: previous - sigma * ((latents - previous) / (sigma_next - sigma))
+    return lambda: latents
+
+
+def denoised(scheduler: Any, latents: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    return x0_source(scheduler, latents, previous)()
 
 
 def needs_previous(scheduler: Any) -> bool:
@@ -233,8 +240,7 @@ def encode(picture: np.ndarray, fmt: str, max_side: int) -> tuple[bytes, int, in
 
 @dataclass
 class _Due:
-    latents: Any  # (n, C, h, w), a copy the job thread no longer touches
-    layout: Literal["strip", "grid"]
+    x0: Callable[[], torch.Tensor]  # the step's estimate of the clean latents, computed when published
     step: int
     steps: int
 
@@ -277,14 +283,7 @@ class LivePreview:
             self.job_thread_seconds += time.perf_counter() - started
             return
         self._last_due = now
-        estimate = denoised(scheduler, latents, previous)
-        if estimate.dim() == 5:  # video (batch, C, T, h, w): a few latent frames of the first video
-            import torch
-
-            index = torch.tensor(spread(estimate.shape[2], self.config.frames), device=estimate.device)
-            due = _Due(estimate[0].index_select(1, index).movedim(1, 0), "strip", step, steps)
-        else:
-            due = _Due(estimate[:MAX_BATCH].clone(), "grid", step, steps)
+        due = _Due(x0_source(scheduler, latents, previous), step, steps)
         with self._cond:
             if self._due is not None:
                 self.dropped += 1
@@ -351,10 +350,17 @@ class LivePreview:
     def _publish(self, due: _Due) -> None:
         import torch
 
+        layout: Literal["strip", "grid"]
         with torch.inference_mode():
-            rgb = self._project(due.latents)
+            x0 = due.x0()
+            if x0.dim() == 5:  # video (batch, C, T, h, w): a few latent frames of the first video
+                index = torch.tensor(spread(x0.shape[2], self.config.frames), device=x0.device)
+                latents, layout = x0[0].index_select(1, index).movedim(1, 0), "strip"
+            else:
+                latents, layout = x0[:MAX_BATCH], "grid"
+            rgb = self._project(latents)
             pixels = (rgb * 255.0).round().to(torch.uint8).cpu().numpy()
-        data, width, height = encode(compose(pixels, due.layout), self.config.format, self.config.max_side)
+        data, width, height = encode(compose(pixels, layout), self.config.format, self.config.max_side)
         if self._closed or self.ctx.cancelled:
             return
         stored = self.ctx.storage.upload(self.bucket, self.path, data, self.content_type)
@@ -364,7 +370,7 @@ class LivePreview:
             "width": width, "height": height, "step": due.step, "steps": due.steps,
             "updated_at": datetime.now(UTC).isoformat(timespec="milliseconds"), "kept": self.config.keep,
         }
-        if due.layout == "strip":
+        if layout == "strip":
             info["frames"] = len(pixels)
         with self._cond:
             if self._closed:
