@@ -51,10 +51,28 @@ def disk_fault(err: OSError, where: str) -> WorkerFault:
                        scope="disk")
 
 
-def _is_oom_message(exc: BaseException) -> bool:
-    torch = sys.modules.get("torch")
-    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch else None
-    return bool(oom and isinstance(exc, oom)) or "out of memory" in str(exc).lower() or isinstance(exc, MemoryError)
+# Allocation failures that CUDA libraries report as a status code in a plain RuntimeError (or
+# torch.AcceleratorError), not as torch.OutOfMemoryError: the code is the only type they carry.
+_ALLOC_STATUS = re.compile(
+    r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED|CUDNN_STATUS_NOT_ENOUGH_MEMORY"
+    r"|CUFFT_ALLOC_FAILED|CUSOLVER_STATUS_ALLOC_FAILED|CUSPARSE_STATUS_ALLOC_FAILED|cudaErrorMemoryAllocation",
+    re.IGNORECASE)
+
+
+def is_oom_error(exc: BaseException) -> bool:
+    """This one exception (not its causes) is an out-of-memory: torch.OutOfMemoryError (= torch.cuda's),
+    MemoryError, or a cuBLAS / cuDNN / CUDA allocation failure."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # only if a handler already imported it
+    oom = (getattr(torch, "OutOfMemoryError", None) or getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+           if torch else None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_ALLOC_STATUS.search(str(exc)))
+
+
+_is_oom_message = is_oom_error
 
 
 def device_error(exc: BaseException | None) -> BaseException | None:

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.config import Settings
-from worker.faults import load_fault
+from worker.faults import is_oom_error, load_fault
 from worker.handlers.base import MODEL_LOAD_LOCK, Handler
 from worker.jobs import ErrorCode, JobError, WorkerFault
 from worker.queue import WorkerMemory
@@ -108,9 +108,7 @@ def is_oom(err: BaseException | None) -> bool:
     while err is not None and seen < 8:
         if isinstance(err, MemoryError) or (isinstance(err, JobError) and err.code == ErrorCode.OOM_ERROR):
             return True
-        torch = sys.modules.get("torch")  # only if a handler already imported it
-        oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch else None
-        if (oom and isinstance(err, oom)) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower()):
+        if is_oom_error(err):
             return True
         err = err.__cause__
         seen += 1

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worker.config import Settings
+from worker.faults import is_oom_error
 from worker.handlers.base import JobCanceled, JobContext, JobInterrupted
 from worker.jobs import ChatConfig, ChatPayload, ErrorCode, HistoryMessage, Job, JobError
 
@@ -440,9 +441,7 @@ def _interruption(ctx: JobContext | None) -> BaseException:
 
 
 def _is_oom(err: BaseException) -> bool:
-    import torch
-
-    return isinstance(err, torch.cuda.OutOfMemoryError)
+    return is_oom_error(err)
 
 
 def neutralize_control_tokens(text: str, control_tokens: Sequence[str]) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worker.config import Settings
+from worker.faults import is_oom_error
 from worker.handlers.base import JobContext
 from worker.jobs import ErrorCode, Job, JobError, resolve_config_aliases
 from worker.tiny_models import read_marker
@@ -166,11 +167,7 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
 
 
 def is_oom(err: BaseException) -> bool:
-    import torch
-
-    if isinstance(err, torch.cuda.OutOfMemoryError | MemoryError):
-        return True
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    return is_oom_error(err)
 
 
 def free_memory() -> None:
@@ -240,6 +237,8 @@ class StepProgress:
     def begin_call(self) -> None:
         self.in_call = 0
         self.calls_begun += 1
+        if self.preview is not None:
+            self.preview.new_call()
         self._call_started = self._last_step = time.perf_counter()
 
     def end_call(self) -> None:
