@@ -236,13 +236,12 @@ def test_listen_connection_drop_falls_back_then_recovers(queue, start_worker, pr
 def test_claim_uses_partial_index(queue, sql, probe_type):
     queue.enqueue_many(probe_type, [{"n": i} for i in range(2000)])
     sql.execute("analyze jobs")
-    from worker.queue import CLAIM_JOBS
+    from tests.test_claim import explain_claim
 
     params = {"job_types": ["probe"], "limit": 1, "affine_types": ["probe"], "window": 256,
               "aging_seconds": 300, "worker_id": "w", "lease_seconds": 30}
-    plan = sql.execute("explain " + CLAIM_JOBS, params).fetchall()
-    text = "\n".join(r["QUERY PLAN"] for r in plan)
-    assert "jobs_claim_idx" in text, text
+    text = explain_claim(sql, params, analyze=False)  # the plan of the claim's statement, as claim_jobs runs it
+    assert "Index Scan using jobs_claim_idx" in text, text
 
 
 def test_claim_prefers_types_whose_model_is_loaded_but_not_past_the_aging_bound(queue, database_url, sql):

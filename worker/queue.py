@@ -36,53 +36,31 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# -- claim_jobs -- take up to %(limit)s due jobs of the served types: highest priority first, then
-# jobs that waited longer than %(aging_seconds)s (so none starves), then (model affinity) the
-# types whose model is loaded on this worker, then the oldest.
+# -- claim_jobs -- take up to %(limit)s due jobs of the served types (sql/migrations/*_fair_claim.sql):
+# highest priority first; then, when models are loaded here, their types (model affinity), but not
+# past a job that waited longer than %(aging_seconds)s; then by turn, so users take turns; then the
+# oldest. Each type's queue is read from its head, %(window)s + %(limit)s rows at most, so the cost
+# is the same at any backlog. The function pins its plan; claim_order is the position in that order.
 CLAIM_JOBS = """
-WITH candidates AS (
-    -- the partial index jobs_claim_idx walks queued rows in claim order; the window bounds
-    -- how far past the head of the queue affinity may reach (the worker passes %(limit)s
-    -- when nothing is loaded, which makes this the plain FIFO-by-priority claim)
-    SELECT id, priority, run_at, job_type
-    FROM public.jobs
-    WHERE status = 'queued'
-      AND run_at <= now()
-      AND job_type = ANY(%(job_types)s)
-    ORDER BY priority DESC, run_at, id
-    LIMIT %(window)s
-    -- SKIP LOCKED here, not only below: concurrent workers must each get their own window
-    FOR UPDATE SKIP LOCKED
-),
-next AS (
-    SELECT j.id
-    FROM public.jobs AS j JOIN candidates AS c USING (id)
-    WHERE j.status = 'queued'
-    ORDER BY c.priority DESC,
-             c.run_at < now() - make_interval(secs => %(aging_seconds)s) DESC,  -- the starvation bound
-             c.job_type = ANY(%(affine_types)s) DESC,
-             c.run_at, c.id
-    LIMIT %(limit)s
-)
-UPDATE public.jobs AS j
-SET status = 'processing',
-    worker_id = %(worker_id)s,
-    attempts = j.attempts + 1,  -- counted at claim: a job that kills its worker is still bounded
-    lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
-    started_at = now(),
-    progress = 0,
-    stage = 'running'
-FROM next
-WHERE j.id = next.id
-RETURNING j.id, j.user_id, j.job_type, j.queue, j.payload, j.priority, j.attempts,
-          j.max_attempts, j.created_at, j.started_at, j.run_at, j.errors
+SELECT * FROM public.claim_jobs(%(job_types)s, %(limit)s, %(affine_types)s, %(window)s,
+                                %(aging_seconds)s, %(worker_id)s, %(lease_seconds)s)
 """
 
-# -- next_due -- when the earliest not-yet-due job of the served types becomes due.
+CLAIM_SLACK = 8  # head rows a claim reads past what it takes, without affinity
+
+# -- next_due -- when the earliest not-yet-due job of the served types becomes due (jobs_due_idx,
+# one probe per type). Jobs due for more than a second are left out: they are claimable, or held by
+# a cap or a lock, and then a finish, a notify or the next poll wakes the worker, not a timer. Those
+# due within the second may have become due just after the claim that came back without them.
 NEXT_DUE = """
-SELECT min(run_at) AS run_at
-FROM public.jobs
-WHERE status = 'queued' AND job_type = ANY(%(job_types)s)
+SELECT min(d.run_at) AS run_at
+FROM unnest(%(job_types)s::text[]) AS t(job_type)
+CROSS JOIN LATERAL (
+    SELECT j.run_at FROM public.jobs AS j
+    WHERE j.status = 'queued' AND j.job_type = t.job_type AND j.run_at > now() - interval '1 second'
+    ORDER BY j.run_at
+    LIMIT 1
+) AS d
 """
 
 # -- heartbeat -- extend the leases of this worker's running jobs and beat its own row, with its
@@ -434,14 +412,22 @@ class JobQueue:
 
     def claim(self, job_types: Sequence[str], limit: int, *, affine_types: Sequence[str] = (),
               window: int = 256, aging_seconds: float = 300.0) -> list[Job]:
-        """Claim up to `limit` jobs; `affine_types` (models loaded here) go first within `window`."""
+        """Claim up to `limit` jobs, in claim order; `affine_types` (models loaded here) may be taken
+        ahead of their turn from about the first `window` queued jobs of the served types."""
+        types = list(job_types)
+        if not types or limit < 1:
+            return []
+        # Each type's queue is read from its head: the reach is shared out among the types, and a
+        # few rows more than the claim needs let a cap or another worker's locks pass over some.
+        reach = max(limit, -(-window // len(types))) if affine_types else max(limit, CLAIM_SLACK)
         # Not retried here: a claim that committed but whose reply was lost must not be
         # repeated blindly; those rows come back through the lease rescue.
         rows = self._execute(CLAIM_JOBS, {
-            "job_types": list(job_types), "limit": limit, "affine_types": list(affine_types),
-            "window": max(window, limit) if affine_types else limit, "aging_seconds": aging_seconds,
+            "job_types": types, "limit": limit, "affine_types": list(affine_types),
+            "window": reach, "aging_seconds": aging_seconds,
             "worker_id": self.worker_id, "lease_seconds": self.lease_seconds,
         })  # not durable: a claim lost in a crash only means the job is claimed again
+        rows.sort(key=lambda row: row.pop("claim_order"))
         return [Job.model_validate(row) for row in rows]
 
     def next_due(self, job_types: Sequence[str]) -> datetime | None:
