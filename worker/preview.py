@@ -271,6 +271,11 @@ class LivePreview:
 
     # -- job thread ---------------------------------------------------------------------
 
+    def new_call(self) -> None:
+        """A pipeline call begins (SDXL denoises a batch in several after running out of memory): the
+        last call's sample is no previous sample of this one."""
+        self._previous = None
+
     def step(self, scheduler: Any, latents: torch.Tensor, step: int, steps: int) -> None:
         """After denoising step `step` of `steps` (counted over the whole job)."""
         if not self.config.enabled or self._closed:
