@@ -87,3 +87,32 @@ def test_a_cuda_library_allocation_failure_ends_the_job_oom(
                          lambda: sdxl.run(job, context(job, LocalStorage(tmp_path))))
     assert error.retryable and isinstance(error.__cause__, RuntimeError)
     assert len(calls) == 2  # the batch of 3, then the retry in batches of 1
+
+
+def test_chat_retries_a_batch_in_halves_only_after_the_failed_batch_is_freed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import weakref
+
+    from worker.handlers.chat import ChatModel, Request, Sampling
+    from worker.tiny_models import build_tiny_qwen
+
+    model = ChatModel.load(str(build_tiny_qwen(tmp_path / "qwen")), device="cpu", context_tokens=512)
+    original = model.model.generate
+    cache: list[weakref.ref[torch.Tensor]] = []
+    alive_at_retry: list[bool] = []
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        batch = kwargs["input_ids"].shape[0]
+        if batch > 1:
+            kv = torch.zeros(batch, 1024)  # stands in for the failed batch's KV cache
+            cache.append(weakref.ref(kv))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        alive_at_retry.append(any(ref() is not None for ref in cache))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model.model, "generate", generate)
+    greedy = Sampling(do_sample=False, temperature=1.0, top_p=1.0, min_new_tokens=3)
+    prompt = model.encode([{"role": "user", "content": "hello"}])
+    outputs = model.generate([Request(prompt, 3, greedy), Request(prompt, 3, greedy)], stream_interval=3600)
+    assert [len(o.token_ids) for o in outputs if not isinstance(o, BaseException)] == [3, 3]
+    assert len(cache) == 1 and alive_at_retry == [False, False]

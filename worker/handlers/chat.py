@@ -284,19 +284,19 @@ class ChatModel:
 
     def _generate_splitting(self, requests: Sequence[Request],
                             stream_interval: float) -> list[Generation | BaseException]:
-        """Out of GPU memory with a batch: free the cache and try each half on its own."""
+        """Out of GPU memory with a batch: try each half on its own, once the failed batch is freed."""
         try:
             return self._generate(requests, stream_interval)
         except Exception as err:
             if len(requests) < 2 or not _is_oom(err):
                 raise
-            import torch
-
-            torch.cuda.empty_cache()
-            half = len(requests) // 2
             log.warning("out of memory with a batch of %d; splitting", len(requests))
-            return [*self._generate_splitting(requests[:half], stream_interval),
-                    *self._generate_splitting(requests[half:], stream_interval)]
+        # Retried only here, after the except block: its exception's traceback holds the failed generate's
+        # frames and so its KV cache, which would otherwise stay allocated under both halves.
+        _release_memory()
+        half = len(requests) // 2
+        return [*self._generate_splitting(requests[:half], stream_interval),
+                *self._generate_splitting(requests[half:], stream_interval)]
 
     def _generate(self, requests: Sequence[Request], stream_interval: float) -> list[Generation | BaseException]:
         import torch
@@ -442,6 +442,16 @@ def _interruption(ctx: JobContext | None) -> BaseException:
 
 def _is_oom(err: BaseException) -> bool:
     return is_oom_error(err)
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()  # a failed generate's frames can sit in reference cycles
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def neutralize_control_tokens(text: str, control_tokens: Sequence[str]) -> str:
