@@ -16,6 +16,7 @@ from worker.config import Settings
 from worker.faults import device_error, is_oom_error
 from worker.handlers import diffusion
 from worker.handlers.sdxl import SdxlHandler
+from worker.handlers.wan import WanHandler
 from worker.jobs import ErrorCode, JobError, JobType
 from worker.memory import is_oom
 from worker.storage import LocalStorage
@@ -51,8 +52,12 @@ def test_other_errors_are_not_oom(err: BaseException) -> None:
 
 
 @pytest.fixture(scope="module")
-def sdxl(tmp_path_factory: pytest.TempPathFactory) -> SdxlHandler:
-    models = tiny_models(tmp_path_factory)
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return tiny_models(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sdxl(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> SdxlHandler:
     handler = SdxlHandler(Settings(home=tmp_path_factory.mktemp("sdxl"), diffusion_device="cpu"),
                           model=str(models["sdxl"]))
     handler.load()
@@ -116,3 +121,75 @@ def test_chat_retries_a_batch_in_halves_only_after_the_failed_batch_is_freed(
     outputs = model.generate([Request(prompt, 3, greedy), Request(prompt, 3, greedy)], stream_interval=3600)
     assert [len(o.token_ids) for o in outputs if not isinstance(o, BaseException)] == [3, 3]
     assert len(cache) == 1 and alive_at_retry == [False, False]
+
+
+@pytest.fixture(scope="module")
+def wan(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> WanHandler:
+    handler = WanHandler(Settings(home=tmp_path_factory.mktemp("wan"), diffusion_device="cpu"),
+                         model=str(models["wan"]), vace_model="", i2v_model="")
+    handler.load()
+    return handler
+
+
+def decode_oom_once(vae: Any, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The VAE's decode runs out of memory unless tiled (once); returns use_tiling at every call."""
+    seen: list[bool] = []
+    original = vae.decode
+
+    def decode(*args: Any, **kwargs: Any) -> Any:
+        seen.append(bool(vae.use_tiling))
+        if not vae.use_tiling and seen.count(False) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vae, "decode", decode)
+    return seen
+
+
+def count_calls(module: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "forward", forward)
+    return calls
+
+
+def test_an_sdxl_decode_oom_retries_the_decode_alone_with_tiling(
+        sdxl: SdxlHandler, job_types: dict[str, JobType], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vae = sdxl.pipe.vae
+    seen = decode_oom_once(vae, monkeypatch)
+    spy = vae.decode
+    steps = count_calls(sdxl.pipe.unet, monkeypatch)
+    job = make_job(job_types, "sdxl_image_fast", {"prompt": "a fox", "config": {"width": 64, "height": 64,
+                                                                              "steps": 2}})
+    result = sdxl.run(job, context(job, LocalStorage(tmp_path)))
+    assert len(result["assets"]) == 1
+    assert len(steps) == 2  # the denoising steps ran once: only the decode was retried
+    assert seen == [False, True]
+    assert vae.decode is spy and not vae.use_tiling  # put back as it was
+
+
+def test_a_wan_decode_oom_retries_the_decode_alone_and_an_in_process_retry_starts_tiled(
+        wan: WanHandler, job_types: dict[str, JobType], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pipe = wan.pipes["t2v"]
+    seen = decode_oom_once(pipe.vae, monkeypatch)
+    steps = count_calls(pipe.transformer, monkeypatch)
+    payload = {"prompt": "waves", "config": {"width": 64, "height": 64, "steps": 2, "frame_num": 10}}
+    job = make_job(job_types, "video_fast", payload)
+    assert wan.run(job, context(job, LocalStorage(tmp_path)))["frames"] == 9
+    assert seen == [False, True] and len(steps) == 2 * 2  # each step once (conditional + unconditional)
+
+    # out of memory while denoising: the loop retries the same Job in-process, and that run is tiled
+    failing = make_job(job_types, "video_fast", payload)
+    monkeypatch.setattr(pipe.transformer, "forward", lambda *a, **k: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory")))
+    expect_error(ErrorCode.OOM_ERROR, "out of GPU memory",
+                 lambda: wan.run(failing, context(failing, LocalStorage(tmp_path))))
+    monkeypatch.undo()
+    seen = decode_oom_once(pipe.vae, monkeypatch)
+    assert wan.run(failing, context(failing, LocalStorage(tmp_path)))["frames"] == 9
+    assert seen == [True] and not pipe.vae.use_tiling

@@ -182,9 +182,51 @@ def oom_error(detail: str) -> JobError:
     return JobError(ErrorCode.OOM_ERROR, f"out of GPU memory {detail}; retried with less memory", retryable=True)
 
 
+# Jobs that ran out of memory in this process: the loop's in-process retry passes the same Job,
+# whose `errors` only lists earlier attempts.
+_OOM_JOBS: deque[Any] = deque(maxlen=256)
+
+
+def note_oom(job: Job) -> None:
+    if job.id not in _OOM_JOBS:
+        _OOM_JOBS.append(job.id)
+
+
 def had_oom(job: Job) -> bool:
-    """An earlier attempt of this job ran out of memory: start this one frugally."""
-    return any(isinstance(e, dict) and e.get("code") == ErrorCode.OOM_ERROR for e in job.errors)
+    """This job ran out of memory before (an earlier attempt, or in this process): run it frugally."""
+    return job.id in _OOM_JOBS or any(isinstance(e, dict) and e.get("code") == ErrorCode.OOM_ERROR
+                                      for e in job.errors)
+
+
+@contextmanager
+def decode_retry_tiled(pipe: Any) -> Iterator[None]:
+    """A VAE decode that runs out of memory is retried alone with tiling, keeping every denoising step."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None or not hasattr(vae, "enable_tiling"):
+        yield
+        return
+    own = vars(vae).get("decode")  # an instance attribute (a test's spy), restored afterwards
+    original = vae.decode
+
+    def decode(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(*args, **kwargs)
+        except Exception as err:
+            if getattr(vae, "use_tiling", False) or not is_oom(err):
+                raise
+            log.warning("out of memory in the VAE decode; retrying the decode alone with tiling")
+        free_memory()  # after the except block, which held the failed decode's tensors
+        with vae_tiling(pipe, True):
+            return original(*args, **kwargs)
+
+    vae.decode = decode
+    try:
+        yield
+    finally:
+        if own is not None:
+            vae.decode = own
+        else:
+            del vae.decode
 
 
 @contextmanager

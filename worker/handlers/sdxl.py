@@ -51,6 +51,7 @@ from worker.handlers.diffusion import (
     Limits,
     StepProgress,
     Timer,
+    decode_retry_tiled,
     free_memory,
     generators,
     had_oom,
@@ -59,6 +60,7 @@ from worker.handlers.diffusion import (
     layered_config,
     load_error,
     model_info,
+    note_oom,
     oom_error,
     place,
     quiet_libraries,
@@ -334,6 +336,7 @@ class SdxlHandler:
             if not is_oom(err):
                 raise
             free_memory()
+            note_oom(job)  # the loop's in-process retry then starts with single images, tiled
             if batch == 1:
                 raise oom_error(f"at {request.width}x{request.height}") from err
         smaller = max(1, batch // 2)
@@ -378,7 +381,8 @@ class SdxlHandler:
             else:
                 kwargs.update(image=reference, strength=request.denoising_strength)
             progress.begin_call()
-            with (vae_tiling(pipe, tiled or self.settings.diffusion_vae_tiling), torch.inference_mode(),
+            with (vae_tiling(pipe, tiled or self.settings.diffusion_vae_tiling), decode_retry_tiled(pipe),
+                  torch.inference_mode(),
                   quiet_logger("diffusers.models.modeling_utils")):  # img2img's per-call VAE upcast notice
                 images.extend(pipe(**kwargs).images)
             progress.end_call()

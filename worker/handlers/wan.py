@@ -56,6 +56,7 @@ from worker.handlers.diffusion import (
     Limits,
     StepProgress,
     Timer,
+    decode_retry_tiled,
     free_memory,
     generators,
     had_oom,
@@ -64,6 +65,7 @@ from worker.handlers.diffusion import (
     layered_config,
     load_error,
     model_info,
+    note_oom,
     oom_error,
     place,
     quiet_libraries,
@@ -554,11 +556,13 @@ class WanHandler:
             kwargs["callback_on_step_end"] = progress
             progress.begin_call()
             try:
-                with vae_tiling(pipe, self.settings.diffusion_vae_tiling or had_oom(job)), torch.inference_mode():
+                with (vae_tiling(pipe, self.settings.diffusion_vae_tiling or had_oom(job)), decode_retry_tiled(pipe),
+                      torch.inference_mode()):
                     frames = pipe(**kwargs).frames[0]
             except Exception as err:
                 if not is_oom(err):
                     raise
+                note_oom(job)  # the loop's in-process retry then starts tiled
                 free_memory()
                 raise oom_error(f"at {request.width}x{request.height}, {request.frames} frames") from err
             progress.end_call()
