@@ -232,3 +232,25 @@ def test_concurrent_claims_pass_over_each_others_rows(sql: Sql, database_url: st
         got_b = [r["id"] for r in b.execute(CLAIM_JOBS, {**claim_params(["type_a"], 1), "window": 8,
                                                          "worker_id": "b"}).fetchall()]
     assert got_a == [ids[0]] and got_b == [ids[1]]
+
+
+def test_a_claim_does_not_wait_for_the_last_jobs_outcome_to_commit(queue: JobQueue, start_worker: Any,
+                                                                    sql: Sql) -> None:
+    """One slot: job A's outcome takes a second to commit (a trigger sleeps in it, as a slow disk would
+    in its WAL flush); job B is claimed and run meanwhile, not after."""
+    from tests.conftest import wait_status
+    from tests.support import ProbeHandler
+
+    sql.execute("create table finish_log (at timestamptz)")
+    sql.execute("""
+        create function slow_finish() returns trigger language plpgsql as $$
+        begin perform pg_sleep(1); insert into finish_log values (clock_timestamp()); return new; end $$""")
+    sql.execute("create trigger slow_finish after update of status on public.jobs for each row"
+                " when (new.status = 'completed' and new.payload ? 'slow') execute function slow_finish()")
+    a = queue.enqueue("type_a", {"slow": True})
+    b = queue.enqueue("type_a", {})
+    start_worker({"noop": ProbeHandler()}, queues=["bench"], concurrency=1)
+    wait_status(queue, a, "completed")
+    committed = sql.execute("select at from finish_log").fetchone()
+    started = wait_status(queue, b, "processing", "completed")["started_at"]
+    assert committed is not None and started < committed["at"], (started, committed)

@@ -161,9 +161,11 @@ class Worker:
     def _loop(self) -> None:
         more_maybe = True  # a claim may find work: start-up, a notify, a poll, or a full claim
         next_poll = 0.0
+        self._start_finisher()
         while True:
             self.last_loop_at = time.monotonic()
-            self._flush_finished()
+            if self._finished:
+                self._finish_wake.set()  # written by the finisher thread: a claim never waits on that commit
             if self._stop.is_set() or self._max_jobs_reached():
                 break
             if self._types_changed.is_set():
@@ -172,7 +174,7 @@ class Worker:
             now = time.monotonic()
             if now >= next_poll:
                 more_maybe = True
-            free = self._free_slots()
+            free = self._free_slots() + self._outcomes_pending()  # in this order: never more than free
             if self.max_jobs is not None:
                 free = min(free, self.max_jobs - self.stats.claimed)
             claimable = self._claimable_types()
@@ -192,8 +194,6 @@ class Worker:
                     next_poll = time.monotonic() + self._idle_timeout()
                 if more_maybe:
                     continue
-            if self._finished:
-                continue
             timeout = max(0.0, next_poll - time.monotonic()) if free > 0 and claimable else 1.0
             slow = self._slow_preparing()
             if self._preparing():
@@ -483,15 +483,21 @@ class Worker:
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     def _flush_finished(self) -> None:
+        """Write the outcomes waiting in _finished (the finisher thread, or _shutdown once it is stopped).
+
+        `_flushing` counts the batch in flight: taken off the deque first and off `_running` last, an
+        outcome is never counted twice as a free slot by _loop, only briefly not at all."""
         if not self._finished:
             return
         batch = []
         while self._finished:
             batch.append(self._finished.popleft())
+        self._flushing = len(batch)
         try:
             applied = self.queue.finish(batch)
         except db.TRANSIENT_DB_ERRORS as err:
             log.warning("finishing %d jobs failed (%s); will retry", len(batch), err)
+            self._flushing = 0
             self._finished.extendleft(reversed(batch))
             time.sleep(0.5)
             return
@@ -501,6 +507,7 @@ class Worker:
             status = applied.get(outcome.job_id)
             if status == "pending":
                 continue
+            self._flushing -= 1
             if status is None:
                 self.stats.lost += 1
                 log.warning("job %s: lease lost before finish; result dropped", outcome.job_id)
@@ -512,6 +519,8 @@ class Worker:
                 entry = self._running.pop(outcome.job_id, None)
             if entry is not None and self.on_finish is not None:
                 self.on_finish(entry, "lost" if status is None else "retried" if status == "queued" else status)
+        self._flushing = 0
+        self._wake.set()  # slots are free and stats moved: max_jobs and the shutdown drain look again
 
     def _finish_one_by_one(self, batch: list[Outcome]) -> dict[UUID, str]:
         """A batch the database refused: finish each alone, failing the ones it cannot store."""
@@ -520,6 +529,7 @@ class Worker:
             try:
                 applied |= self.queue.finish([outcome])
             except db.TRANSIENT_DB_ERRORS:
+                self._flushing -= 1
                 self._finished.append(outcome)  # written on a later pass
                 applied[outcome.job_id] = "pending"
             except psycopg.Error as err:
@@ -696,6 +706,7 @@ class Worker:
         self.stop()
 
     def _shutdown(self) -> None:
+        self._stop_finisher()  # outcomes are written here from now on, by this thread alone
         if self._running:
             self._set_state("draining")
             deadline = time.monotonic() + self.settings.shutdown_grace
@@ -720,6 +731,40 @@ class Worker:
             self.queue.set_worker_state(state)
         except db.TRANSIENT_DB_ERRORS as err:
             log.warning("could not record worker state %s: %s", state, err)
+
+    # -- finisher -----------------------------------------------------------------------
+
+    def _start_finisher(self) -> None:
+        """Outcomes commit durably (a WAL flush, milliseconds on a slow disk): on a thread of their own,
+        so the main loop claims the next job while the last one's outcome is still being written."""
+        self._flushing = 0
+        self._finish_wake = threading.Event()
+        self._finisher_stop = threading.Event()
+        self._finisher = threading.Thread(target=self._run_finisher, name="finisher", daemon=True)
+        self._finisher.start()
+
+    def _run_finisher(self) -> None:
+        while not self._finisher_stop.is_set():
+            self._finish_wake.wait(0.2)  # the timeout: an outcome whose hand-off was missed waits no longer
+            self._finish_wake.clear()
+            try:
+                self._flush_finished()
+            except Exception:  # a bug, not the database (its errors are handled there): stop, as the loop did
+                log.exception("writing job outcomes failed; stopping")
+                self._flushing = 0
+                self.stop()
+                return
+
+    def _stop_finisher(self) -> None:
+        finisher: threading.Thread | None = getattr(self, "_finisher", None)
+        if finisher is not None:
+            self._finisher_stop.set()
+            self._finish_wake.set()
+            finisher.join()  # at most one flush: its statement's own retries are bounded
+
+    def _outcomes_pending(self) -> int:
+        """Jobs whose outcome is not written yet: their handler is done, so their slot is free."""
+        return len(self._finished) + self._flushing
 
 
 def _has_nul(value: Any) -> bool:
