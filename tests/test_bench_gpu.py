@@ -11,9 +11,10 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_gpu.py"
 STAGES = ["sdxl", "wan", "qwen", "sdxl_x6", "chat_wan", "overhead"]
 
 
-def test_tiny_smoke_run_writes_every_stage(tmp_path: Path) -> None:
+def test_tiny_smoke_run_writes_every_stage(tmp_path: Path, database_url: str) -> None:
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--out", str(out)],
+    done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--out", str(out),
+                           "--database-url", database_url],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -26,7 +27,10 @@ def test_tiny_smoke_run_writes_every_stage(tmp_path: Path) -> None:
     assert "job_3_steps_s" in stages["wan"]
     assert stages["qwen"]["single_stream_tok_s"] > 0 and stages["qwen"]["batch_8_tok_s"] > 0
     assert stages["chat_wan"]["during_wan_tok_s"] > 0
-    assert stages["overhead"]["overhead_ms"] == 1000 * (stages["sdxl"]["job_s"] - stages["sdxl"]["raw_s"])
+    overhead = stages["overhead"]
+    assert overhead["handler_overhead_ms"] == 1000 * (stages["sdxl"]["job_s"] - stages["sdxl"]["raw_s"])
+    assert "worker_skipped" not in overhead, overhead
+    assert overhead["worker_jobs"] >= 2 and overhead["worker_job_s"] > 0
     assert data["meta"]["tiny"] is True and data["meta"]["total_s"] > 0
     # each stage's figures were printed as they landed
     assert all(f"[{name}]" in done.stdout for name in STAGES)
