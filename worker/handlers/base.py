@@ -54,6 +54,11 @@ class Handler(Protocol):
     - `max_batch_size = N` with `run_batch(jobs, ctxs) -> list[result | exception]`: claimed jobs
       of this handler are run together, up to N at a time; each job still gets its own context,
       result, error and cancellation.
+    - `prepare(job, ctx)`: validate the payload (raise JobError INVALID_INPUT) and fetch what the job
+      needs from outside (reference images), storing it on `ctx.prepared`. The worker calls it before
+      the model is loaded and without holding a job slot, so an invalid job never loads a model and a
+      slow download delays only its own job; run() then finds `ctx.prepared` set.
+    - `uses_storage = False`: the handler publishes nothing, so a storage fault does not stop it.
 
     And those the memory manager (worker.memory) uses; it calls load() under MODEL_LOAD_LOCK, and
     unload() only while no job of the handler runs:
