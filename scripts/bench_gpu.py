@@ -153,7 +153,8 @@ def stage_sdxl(models: Models, p: dict[str, Any], deadline: float) -> dict[str, 
             "raw_s": statistics.median(raw), "job_s": statistics.median(job), "step_ms": 1000 * statistics.median(step)}
 
 
-def wan_latents(models: Models, p: dict[str, Any], steps: int) -> tuple[Any, list[float]]:
+def wan_latents(models: Models, p: dict[str, Any], steps: int,
+                stop: threading.Event | None = None) -> tuple[Any, list[float]]:
     import torch
 
     pipe = models.wan.pipes["t2v"]
@@ -163,6 +164,8 @@ def wan_latents(models: Models, p: dict[str, Any], steps: int) -> tuple[Any, lis
     def mark(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         sync()
         marks.append(time.perf_counter())
+        if stop is not None and stop.is_set():
+            _pipe._interrupt = True  # diffusers skips the remaining steps
         return kwargs
 
     started = time.perf_counter()
@@ -236,12 +239,12 @@ def stage_chat_wan(models: Models, p: dict[str, Any], alone: float | None, deadl
     wan_p = dict(p)
     # enough WAN steps to outlast three chat generations, within the budget
     wan_p_steps = max(3, min(p["wan_steps"], int(left(deadline) / 4)))
-    done = threading.Event()
+    done, stop = threading.Event(), threading.Event()
     errors: list[BaseException] = []
 
     def video() -> None:
         try:
-            wan_latents(models, wan_p, wan_p_steps)
+            wan_latents(models, wan_p, wan_p_steps, stop)
         except BaseException as err:  # reported below; the chat figure is meaningless without the video
             errors.append(err)
         finally:
@@ -254,6 +257,7 @@ def stage_chat_wan(models: Models, p: dict[str, Any], alone: float | None, deadl
     while not done.is_set() and len(rates) < 3 and left(deadline) > 2 * chat_seconds:
         rates.append(chat_rate(models, p, 1))
     overlapped = not done.is_set()
+    stop.set()  # the video's remaining steps would slow the next stage down
     thread.join(timeout=max(1.0, left(deadline)))
     if errors:
         raise errors[0]
