@@ -94,6 +94,8 @@ def pin_worker_code() -> None:
 if __name__ in ("__main__", "__mp_main__"):
     pin_worker_code()
 
+import bench_claim  # noqa: E402 - scripts/, next to this file; imports worker/ too
+
 from worker import db  # noqa: E402 - after pin_worker_code
 from worker.config import REPO_ROOT, Settings  # noqa: E402
 from worker.handlers.base import JobContext  # noqa: E402
@@ -102,6 +104,7 @@ from worker.loop import Worker  # noqa: E402
 from worker.queue import JobQueue  # noqa: E402
 from worker.storage import LocalStorage  # noqa: E402
 
+PHASES = ("drain", "pickup", "idle", "claim", "mixed", "fairness")
 BENCH_TYPE = "bench_noop"  # our job type, PGQueuer's entrypoint and Procrastinate's task name
 BENCH_QUEUE = "bench"
 WARMUP_SEQ = -1
@@ -116,6 +119,7 @@ REFERENCE: dict[str, dict[str, float]] = {
 }
 TARGET_PICKUP_P99_MS = 5.0
 TARGET_IDLE_PER_30S = 10.0
+TARGET_CLAIM_DB_MS = 1.0  # issue 12: well under a millisecond at any backlog, history and statistics
 
 Conn = db.Connection
 Counter = Synchronized  # multiprocessing.Value("q"): handler starts seen by a child, read by the parent
@@ -757,8 +761,45 @@ class Bench:
             raise
         return child
 
+    def pickup_cli(self, count: int, rate: float, settle: float) -> tuple[dict[int, float], dict[int, float]]:
+        """Ours as users run it: `ourvidz-worker run` (bench_claim.CliWorker), its handler writing each
+        start to a file. (commits, starts) by seq."""
+        log_file = self.home / f"pickup-{uuid.uuid4().hex[:8]}.log"
+        log_file.touch()
+        inserter = OursInserter(self.url)
+
+        def starts() -> dict[int, float]:
+            lines = [line.split() for line in log_file.read_text().splitlines()]
+            return {int(seq): float(at) for seq, at in lines if seq != "None"}
+
+        try:
+            with bench_claim.CliWorker(self.url, self.home, handler_log=log_file) as worker:
+                worker.wait_ready()
+                inserter.insert(WARMUP_SEQ)
+                deadline = time.monotonic() + 60
+                while WARMUP_SEQ not in starts() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                time.sleep(settle)
+                commits: dict[int, float] = {}
+                start = time.perf_counter()
+                for seq in range(count):
+                    delay = start + seq / rate - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                    inserter.insert(seq)
+                    commits[seq] = time.time()
+                deadline = time.monotonic() + 30
+                while len(starts()) < 1 + count and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            return commits, starts()
+        finally:
+            inserter.close()
+
     def pickup(self, system: System, count: int, rate: float, settle: float) -> dict[str, float]:
         self.clean()
+        if system.name == OURS:
+            commits, starts = self.pickup_cli(count, rate, settle)
+            return pickup_figures(system.name, commits, starts, count)
         inserter = system.inserter(self.url)
         try:
             with self.start_idle_worker(system, inserter, settle) as child:
@@ -776,11 +817,7 @@ class Bench:
                 starts: dict[int, float] = child.result(60)["starts"]
         finally:
             inserter.close()
-        latencies = [(starts[seq] - t) * 1000 for seq, t in commits.items() if seq in starts]
-        if not latencies:
-            raise RuntimeError(f"{system.name}: no job was picked up")
-        return {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
-                "p99": percentile(latencies, 99), "missed": float(count - len(latencies))}
+        return pickup_figures(system.name, commits, starts, count)
 
     def idle(self, system: System, seconds: float, settle: float) -> tuple[float, list[tuple[int, str]]]:
         """Statements (or transactions, without pg_stat_statements) in `seconds`, and the top ones."""
@@ -810,6 +847,14 @@ class Bench:
             child.stop()
             child.result(60)
         return count, top
+
+
+def pickup_figures(name: str, commits: dict[int, float], starts: dict[int, float], count: int) -> dict[str, float]:
+    latencies = [(starts[seq] - t) * 1000 for seq, t in commits.items() if seq in starts]
+    if not latencies:
+        raise RuntimeError(f"{name}: no job was picked up")
+    return {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
+            "p99": percentile(latencies, 99), "missed": float(count - len(latencies))}
 
 
 def transactions(conn: Conn) -> int:
@@ -933,6 +978,28 @@ def print_targets(results: Results, args: argparse.Namespace, peers: list[str], 
     if p99 is not None:
         verdict = "ok" if p99 <= TARGET_PICKUP_P99_MS else "MISS"
         print(f"  pickup p99    ours {fmt(p99):>8} ms      <= {TARGET_PICKUP_P99_MS:g} ms: {verdict}")
+        best = min((v for p in peers if (v := results.median(p, pickup_metric("p99"))) is not None), default=None)
+        if best is not None:
+            verdict = "ok" if p99 <= best else "MISS"
+            print(f"  pickup p99    ours {fmt(p99):>8} ms      <= best peer here {fmt(best):>8} ms: {verdict}")
+    claims = [(m, results.median(OURS, m)) for (system, m) in results.runs
+              if system == OURS and m.startswith("claim ") and m.endswith(" db (ms)")]
+    if claims:
+        worst_metric, worst = max(claims, key=lambda c: c[1] or 0.0)
+        verdict = "ok" if worst is not None and worst < TARGET_CLAIM_DB_MS else "MISS"
+        print(f"  claim         ours {fmt(worst):>8} ms db, the slowest case ({worst_metric[6:-8]}),"
+              f" < {TARGET_CLAIM_DB_MS:g} ms: {verdict}")
+    alone = next((results.median(OURS, m) for (system, m) in results.runs if system == OURS
+                  and m.startswith("mixed drain") and m.endswith("alone (s)")), None)
+    behind = next((results.median(OURS, m) for (system, m) in results.runs if system == OURS
+                   and m.startswith("mixed drain") and " behind " in m), None)
+    if alone and behind:
+        verdict = "ok" if behind <= alone * 1.5 else "MISS"
+        print(f"  mixed         ours {fmt(behind):>8} s behind the backlog <= 1.5 x {fmt(alone)} s alone: {verdict}")
+    fair, fifo = (results.median(OURS, f"fairness {o} wait light p95 (s)") for o in ("fair", "FIFO"))
+    if fair is not None and fifo is not None:
+        verdict = "ok" if fair < fifo / 4 else "MISS"
+        print(f"  fairness      light users' wait p95 {fmt(fair)} s fair < FIFO {fmt(fifo)} s / 4: {verdict}")
     idle = results.median(OURS, idle_key)
     if idle is not None:
         per30 = idle * 30 / args.idle_seconds
@@ -964,17 +1031,18 @@ def print_report(results: Results, args: argparse.Namespace, systems: list[Syste
     for note in results.notes:
         print(f"note:     {note}")
 
-    print(f"\n{'system':<15}{'metric':<30}{'median':>10}   runs")
+    width = max([30, *(len(metric) + 1 for _, metric in results.runs)])
+    print(f"\n{'system':<15}{'metric':<{width}}{'median':>10}   runs")
     for name in names:
         for (system, metric), values in results.runs.items():
             if system == name:
                 runs = ", ".join(fmt(v) for v in values)
-                print(f"{name:<15}{metric:<30}{fmt(results.median(name, metric)):>10}   {runs}")
+                print(f"{name:<15}{metric:<{width}}{fmt(results.median(name, metric)):>10}   {runs}")
 
     if peers:
         print("\nratios ours/peer (drain: higher is better; pickup and idle: lower is better)")
         print(f"{'metric':<30}" + "".join(f"{p:>16}" for p in peers))
-        ours_metrics = [m for (s, m) in results.runs if s == OURS]
+        ours_metrics = [m for (s, m) in results.runs if s == OURS and m.split()[0] in ("drain", "pickup", "idle")]
         for metric in ours_metrics:
             cells = []
             for peer in peers:
@@ -1014,7 +1082,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pg-option", action="append", default=[], metavar="NAME=VALUE",
                         help="throwaway server setting, e.g. synchronous_commit=off (repeatable)")
     parser.add_argument("--compare", default="", help="peers to run too: pgqueuer,procrastinate")
-    parser.add_argument("--only", default="drain,pickup,idle", help="phases to run")
+    parser.add_argument("--only", default="drain,pickup,idle",
+                        help=f"phases to run, of {','.join(PHASES)}")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure; the median is reported")
     parser.add_argument("--concurrency", default="1,4,16", help="drain concurrency limits")
     parser.add_argument("--jobs", type=int, default=20_000, help="jobs per drain")
@@ -1022,6 +1091,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pickup-rate", type=float, default=50.0, help="pickup inserts per second")
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="idle measurement window")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds an idle worker settles first")
+    parser.add_argument("--claim-sizes", default="0,100000,1000000", help="claim: due jobs in the table")
+    parser.add_argument("--claim-history", type=int, default=500_000,
+                        help="claim: finished jobs in the table whose statistics go stale")
+    parser.add_argument("--claim-count", type=int, default=200, help="claim: one-job claims per run")
+    parser.add_argument("--mixed-backlog", type=int, default=100_000, help="mixed: due jobs of the unserved type")
+    parser.add_argument("--mixed-jobs", type=int, default=2_000, help="mixed: jobs of the served type")
     parser.add_argument("--drain-cap", type=float, default=300.0, help="seconds after which a drain is "
                         "stopped and rated on the jobs done by then (marked partial)")
     parser.add_argument("--pgqueuer-driver", choices=("asyncpg", "psycopg"), default="asyncpg",
@@ -1034,11 +1109,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.compare = [p.strip() for p in args.compare.split(",") if p.strip()]
     args.only = [p.strip() for p in args.only.split(",") if p.strip()]
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    args.claim_sizes = [int(n) for n in args.claim_sizes.split(",") if n.strip()]
     for peer in args.compare:
         if peer not in PEERS:
             parser.error(f"--compare: unknown peer {peer!r} (known: {', '.join(PEERS)})")
     for phase in args.only:
-        if phase not in ("drain", "pickup", "idle"):
+        if phase not in PHASES:
             parser.error(f"--only: unknown phase {phase!r}")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -1123,6 +1199,21 @@ def main(argv: list[str] | None = None) -> None:
                     results.idle_top[system.name] = top
                     print(f"[idle   {run}/{args.repeat}] {system.name:<14} {system.serve_variant().label:<8} "
                           f"{count:.0f} {idle_key.split()[1]}", flush=True)
+
+        scenario_figures: list[tuple[str, dict[str, list[float]]]] = []
+        home_dir = Path(home)
+        if "claim" in args.only:
+            scenario_figures.append(("claim", bench_claim.claim_latency(
+                database.url, args.claim_sizes, args.claim_history, args.claim_count, args.repeat)))
+        if "mixed" in args.only:
+            scenario_figures.append(("mixed", bench_claim.mixed_fleet(
+                database.url, home_dir, args.mixed_backlog, args.mixed_jobs, args.idle_seconds, args.repeat)))
+        if "fairness" in args.only:
+            scenario_figures.append(("fairness", bench_claim.fairness(database.url, home_dir, args.repeat)))
+        for phase, figures in scenario_figures:
+            for metric, values in figures.items():
+                for value in values:
+                    results.add(OURS, f"{phase} {metric}", value)
 
         results.notes.append(f"worker code: {code}")
         if REPO_ROOT == SOURCE_REPO and code_description() != code:
