@@ -5,6 +5,7 @@ request.jwt.claims, one transaction per request)."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -15,6 +16,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from worker import db
+from worker.config import REPO_ROOT
 from worker.queue import JobQueue
 
 Row = dict[str, Any]
@@ -141,3 +143,15 @@ def test_a_users_insert_joins_the_round_of_the_whole_queue(rest, users, queue, d
     with pytest.raises(psycopg.errors.InsufficientPrivilege):  # a user cannot choose a turn
         rest.request("authenticated", light, "insert into public.jobs (job_type, payload, turn)"
                      " values ('posed', '{}', -1)")
+
+
+def test_the_typescript_helper_reads_what_the_function_returns(sql: psycopg.Connection[Row]) -> None:
+    """realtime/src/queuePosition.ts: QueuePosition has the function's columns, nullable where they are."""
+    source = (REPO_ROOT / "realtime" / "src" / "queuePosition.ts").read_text()
+    body = re.search(r"export interface QueuePosition \{\n(.*?)\n\}", source, re.S)
+    assert body, "queuePosition.ts: no interface QueuePosition"
+    fields = dict(re.findall(r"^  (\w+): (.+)$", body.group(1), re.M))
+    columns = sql.execute("select a.name from pg_proc as p, unnest(p.proargnames, p.proargmodes) as a(name, mode)"
+                          " where p.proname = 'job_queue_position' and a.mode = 't'").fetchall()
+    assert list(fields) == [c["name"] for c in columns]
+    assert {name for name, ts in fields.items() if "| null" in ts} == {"throughput_per_minute", "estimated_start_at"}
