@@ -102,8 +102,6 @@ def test_a_database_outage_longer_than_the_lease_rescues_no_live_workers_job(
     workers = [WorkerThread(fast_settings.model_copy(update={
         "database_url": proxy.url, "lease_seconds": lease, "worker_id": f"outage-{i}-{uuid.uuid4().hex[:4]}",
         "concurrency": 2, "poll_interval": 0.5,
-        # the time every worker gets to reconnect after the outage: pools back off between connect attempts
-        "rescue_grace_seconds": 15.0,
     }), {"simulate": SimulateHandler()}).start() for i in range(2)]
     ids = [queue.enqueue("simulate", {"config": {"steps": 40, "step_seconds": 0.25}}) for _ in range(4)]
     try:

@@ -94,6 +94,7 @@ class Worker:
         hang_seconds = max(settings.hang_exit_seconds, settings.lease_seconds)
         self._watchdog = HangWatchdog(hang_seconds if settings.hang_watchdog else 0)
         self._connected_since: float | None = None  # the lease keeper's view of the database
+        self._last_outage = 0.0  # seconds the lease keeper last went without the database
         self.exit_reason: str | None = None  # set when the worker stops itself (a handler that would not stop)
         self._run_locks: dict[str, threading.Lock] = {}
         self.memory = MemoryManager(settings, handlers)  # loads, pins and evicts the handlers' models
@@ -559,8 +560,7 @@ class Worker:
                     entry.ctx.flush()
                 state = "draining" if self._stop.is_set() else ("busy" if running else "idle")
                 beat = self.queue.heartbeat([r.job.id for r in running], state, self._memory_report(), self.faults)
-                self.last_beat_at = time.monotonic()
-                self._connected_since = self._connected_since or self.last_beat_at
+                self._beat_landed(beat_every)
                 for entry in running:
                     if entry.job.id in beat.cancel_requested:
                         entry.ctx.interrupt(JobCanceled)
@@ -577,14 +577,31 @@ class Worker:
             except Exception:
                 log.exception("lease keeper error")
 
+    def _beat_landed(self, beat_every: float) -> None:
+        """Track the database as the lease keeper sees it. Missed beats are an outage whether the beats
+        failed or only waited for a connection until the database came back."""
+        now = time.monotonic()
+        gap = now - self.last_beat_at if self.last_beat_at is not None else 0.0
+        if self._connected_since is None or gap > 2 * beat_every + 1.0:
+            if self.last_beat_at is not None:
+                self._last_outage = gap
+                log.info("database reachable again after %.1fs without a heartbeat; no rescues for %.1fs",
+                         gap, self._rescue_grace())
+            self._connected_since = now
+        self.last_beat_at = now
+
     def _may_rescue(self) -> bool:
-        """Rescue only after `rescue_grace_seconds` (default two leases) of working connections: when the
-        database comes back from an outage, every live worker gets that long to reconnect (its pool backs
-        off) and renew what it holds before anyone rescues it. Jobs of workers that really died wait that
-        much longer."""
+        """Rescue only after `rescue_grace_seconds` (default two leases) of working connections, and at
+        least as long as the last outage lasted plus a lease: when the database comes back, every live
+        worker gets that long to reconnect (a pool's reconnect attempts back off exponentially, so the
+        last one may come about an outage's length late) and renew what it holds before anyone rescues
+        it. Jobs of workers that really died wait that much longer."""
         since = self._connected_since
-        grace = self.settings.rescue_grace_seconds or 2 * self.settings.lease_seconds
-        return since is not None and time.monotonic() - since >= grace
+        return since is not None and time.monotonic() - since >= self._rescue_grace()
+
+    def _rescue_grace(self) -> float:
+        lease = self.settings.lease_seconds
+        return max(self.settings.rescue_grace_seconds or 2 * lease, self._last_outage + lease)
 
     def _enforce_time_limits(self) -> None:
         """Stop jobs past their type's run-time limit; a job that does not stop within the grace is given
