@@ -5,17 +5,21 @@ the outage goes through tests/test_connections.py's black-hole proxy (every work
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
 from tests.conftest import WorkerThread, wait_for, wait_status
-from tests.test_connections import FAST, BlackHoleProxy, fast_settings, proxy  # noqa: F401  (fixtures)
+from tests.test_connections import FAST, BlackHoleProxy, Link, fast_settings, proxy  # noqa: F401  (fixtures)
+from tests.test_processes import Cli, cli_env
 from worker.config import Settings
 from worker.handlers.base import JobContext
 from worker.handlers.simulate import SimulateHandler
@@ -123,3 +127,57 @@ def test_a_database_outage_longer_than_the_lease_rescues_no_live_workers_job(
         for worker in workers:
             worker.stop(abort=True)
     assert FAST  # the proxy's fast timeouts make the outage noticed within seconds
+
+
+class StoppableProxy(BlackHoleProxy):
+    """A database that stops as a server does: open connections are reset, new ones refused."""
+
+    def stop_server(self) -> None:
+        with self._lock:
+            self.dark = True
+            links, self.links = list(self.links), []
+        for link in links:
+            for sock in (link.client, link.server):
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.dark:
+                client.close()  # refused, as by a stopped server
+                continue
+            family = socket.AF_UNIX if isinstance(self.target, str) else socket.AF_INET
+            server = socket.socket(family, socket.SOCK_STREAM)
+            server.connect(self.target)
+            link = Link(client, server)
+            with self._lock:
+                self.links.append(link)
+            threading.Thread(target=self._pump, args=(link,), daemon=True).start()
+
+
+def test_worker_processes_ride_out_a_database_stopped_longer_than_the_lease(
+        database_url: str, queue: JobQueue, tmp_path: Path) -> None:
+    server = StoppableProxy(database_url)
+    env = cli_env(server.url, tmp_path / "home", tmp_path / "runs.txt")
+    cli = Cli(env, tmp_path, tmp_path / "runs.txt")
+    try:
+        ids = [queue.enqueue("simulate", {"config": {"steps": 40, "step_seconds": 0.25}}) for _ in range(4)]
+        for i in range(2):
+            cli.start("run", "--concurrency", "2", "--lease-seconds", "2",
+                      "--worker-id", f"stop-{i}-{uuid.uuid4().hex[:4]}", name=f"stop-{i}")
+        wait_for(lambda: all(queue.get_job(i)["status"] == "processing" for i in ids), timeout=30)
+        server.stop_server()
+        time.sleep(6)  # three leases
+        server.restore()
+        rows = [wait_status(queue, i, "completed", "failed", timeout=60) for i in ids]
+        assert [(r["status"], r["attempts"], r["errors"]) for r in rows] == [("completed", 1, [])] * 4
+        assert all(p.alive() for p in cli.procs), [p.output()[-2000:] for p in cli.procs]
+        assert any("database reachable again after" in p.output() for p in cli.procs)
+    finally:
+        cli.kill_all()
+        server.close()
