@@ -70,7 +70,7 @@ def test_generated_payloads_fail_alone_with_documented_codes(
     inserted: list[Any] = []
     refused: list[str] = []
 
-    @settings(max_examples=2000, deadline=None, database=None,
+    @settings(max_examples=3000, deadline=None, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                      HealthCheck.data_too_large, HealthCheck.filter_too_much])
     @given(st.sampled_from(JOB_TYPES), payloads)
@@ -85,7 +85,7 @@ def test_generated_payloads_fail_alone_with_documented_codes(
             refused.append(str(err).splitlines()[0])
 
     insert()
-    assert len(inserted) + len(refused) >= 2000
+    assert len(inserted) + len(refused) >= 3000
 
     def settled() -> bool:
         row = sql.execute("select count(*) filter (where status in ('queued', 'processing')) as open"
@@ -101,4 +101,6 @@ def test_generated_payloads_fail_alone_with_documented_codes(
         assert row["status"] in ("completed", "failed"), row
         assert row["status"] == "completed" or row["code"] in documented, row
     assert {r["status"] for r in rows} == {"completed", "failed"}  # the generator reaches both
+    print(f"{len(refused)} refused at insert;", ", ".join(f"{r['n']} {r['status']} {r['code'] or ''}".strip()
+                                                       for r in rows))
     worker.stop()
