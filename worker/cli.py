@@ -124,6 +124,8 @@ def run(
     gpus: Annotated[str | None, typer.Option(
         help="all | 0,1: one supervised worker process per GPU (CUDA_VISIBLE_DEVICES), ids <worker-id>-gpuN, "
              "ports +N; the other options pass through.")] = None,
+    preload: Annotated[bool, typer.Option("--preload", help="Load and warm every served model before the first "
+                                          "claim; one that fails is not claimed for.")] = False,
     verbose: Verbose = False,
 ) -> None:
     """Run a worker until SIGTERM/SIGINT (or --max-jobs)."""
@@ -149,6 +151,7 @@ def run(
         _fail(getattr(err, "message", str(err)), getattr(err, "code", 2))
     worker = Worker(settings, handlers, storage, database_url=url, max_jobs=max_jobs)
     worker.add_faults(faults)  # what only part of the work suffers from: those scopes start closed
+    worker.preload = preload  # type: ignore[attr-defined]  # read by Worker.run (worker.preload)
     server = _health_server(worker, settings)
     try:
         stats = worker.run()

@@ -109,7 +109,8 @@ class Settings(BaseSettings):
                     "(loaded with from_single_file; its configs come from the base model's hub repo or cache).",
     )
     sdxl_variant: str | None = Field(
-        default=None, description="Weights variant to load, e.g. fp16 (half the download for hub repos that have it)."
+        default="fp16", description="Weights variant to load (fp16: half the download and read of fp32); a repo or "
+                                    "folder without that variant's files loads its default weights. Empty: none."
     )
     wan_model: str = Field(
         default="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", description="WAN 2.1 text-to-video checkpoint (WanPipeline)."

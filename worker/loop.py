@@ -136,6 +136,10 @@ class Worker:
             helpers.append(threading.Thread(target=self._listen, name="listener", daemon=True))
         for thread in helpers:
             thread.start()
+        if getattr(self, "preload", False):  # run --preload: load and warm every served model before the first claim
+            from worker.preload import preload
+
+            self.add_faults(preload(self.handlers, self.memory, self._served.values(), self._stop.is_set))
         log.info("worker %s serving %s", self.id, ", ".join(sorted(self._served)) or "nothing")
         try:
             self._loop()

@@ -59,6 +59,9 @@ class Handler(Protocol):
       the model is loaded and without holding a job slot, so an invalid job never loads a model and a
       slow download delays only its own job; run() then finds `ctx.prepared` set.
     - `uses_storage = False`: the handler publishes nothing, so a storage fault does not stop it.
+    - `warm_up()`: after load(), one tiny generation at the served shapes (kernels chosen, allocator
+      grown), for `run --preload` (worker.preload); without it the preload runs one tiny job of the
+      handler's first served type through prepare() and run(), publishing nowhere.
 
     And those the memory manager (worker.memory) uses; it calls load() under MODEL_LOAD_LOCK, and
     unload() only while no job of the handler runs:

@@ -175,8 +175,9 @@ class SdxlHandler:
         if path.suffix in SINGLE_FILE_SUFFIXES and path.is_file():
             pipe = StableDiffusionXLPipeline.from_single_file(str(path), dtype=dtype)
         else:
-            extra = {"variant": self.variant} if self.variant else {}
-            pipe = StableDiffusionXLPipeline.from_pretrained(self.source, dtype=dtype, **extra)
+            from worker.preload import with_variant  # fp16 where published, else the default weights
+
+            pipe = with_variant(StableDiffusionXLPipeline.from_pretrained, self.source, self.variant, dtype=dtype)
         place(pipe, device, self.settings)
         self._serve(pipe, device, dtype)
 
