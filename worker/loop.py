@@ -279,7 +279,8 @@ class Worker:
             self._start(batch)
 
     def _start(self, jobs: list[Job]) -> None:
-        ctxs = [JobContext(job, self.storage, self._progress_writer(job.id), self.settings.progress_interval)
+        ctxs = [JobContext(job, self.storage, self._progress_writer(job.id), self.settings.progress_interval,
+                           background=True)  # progress round trips off the job thread (worker.handlers.base)
                 for job in jobs]
         single = len(jobs) == 1
         with self._running_lock:

@@ -13,8 +13,11 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any, Protocol, runtime_checkable
 
 from worker.estimate import LiveUpdate, ProgressRate
@@ -91,6 +94,13 @@ class Handler(Protocol):
 ProgressWriter = Callable[..., bool]
 
 
+@dataclass
+class _Write:
+    pending: tuple[int, str | None, dict[str, Any] | None]
+    live: LiveUpdate | None  # for a writer that takes it
+    kept: bool  # the first or the last: never replaced by a later update
+
+
 def _takes_live(writer: Callable[..., Any]) -> bool:
     try:
         parameters = inspect.signature(writer).parameters.values()
@@ -103,8 +113,12 @@ class JobContext:
     """Per-job services. Thread-safe: the worker's lease keeper flushes and interrupts it."""
 
     def __init__(self, job: Job, storage: Storage, write_progress: ProgressWriter,
-                 progress_interval: float, scratch_root: Path | None = None) -> None:
+                 progress_interval: float, scratch_root: Path | None = None, *, background: bool = False) -> None:
         self.job = job
+        # background: progress() hands a due write to the progress-writer thread instead of making the
+        # round trip on the job thread (the worker's contexts; a test's recorder sees writes in order)
+        self._background = background
+        self._outbox: deque[_Write] = deque()  # handed to the progress-writer thread, oldest first
         self._storage = storage
         self._write_progress = write_progress
         self._interval = progress_interval
@@ -148,6 +162,32 @@ class JobContext:
         self.flush()
         self.check()
 
+    def _due(self, force: bool, pending: tuple[int, str | None, dict[str, Any] | None] | None) -> bool:
+        """Whether `pending` is to be written now (caller holds the lock)."""
+        due = force or not self._written or (pending is not None and pending[0] >= 100)
+        return pending is not None and (due or time.monotonic() - self._last_write >= self._interval)
+
+    def _hand_off(self, write: _Write) -> bool:
+        """Queue `write` for the progress-writer thread (caller holds the lock). An ordinary update
+        replaces one still waiting behind the writer; a first or last one is never replaced.
+        Returns whether the thread has one more write to make."""
+        last = self._outbox[-1] if self._outbox else None
+        if last is not None and not last.kept and not write.kept:
+            changed = last.live is not None and last.live["preview_changed"]
+            if changed and write.live is not None and not write.live["preview_changed"]:
+                write.live["preview_changed"] = True  # the preview it replaces still has to go out
+            self._outbox[-1] = write
+            return False
+        self._outbox.append(write)
+        return True
+
+    def _write_next(self) -> None:
+        """The progress-writer thread's turn: the oldest queued write."""
+        with self._lock:
+            write = self._outbox.popleft() if self._outbox else None
+        if write is not None:
+            self._write(write)
+
     def flush(self, force: bool = False) -> None:
         """Write the pending update once the interval allows (the lease keeper calls this so a
         throttled update still goes out while the handler is busy); `force` writes it now, with a
@@ -156,20 +196,28 @@ class JobContext:
             pending = self._pending
             if pending is None and self._preview_changed and self._writer_takes_live:
                 pending = (*self._latest, None)
-            due = force or not self._written or (pending is not None and pending[0] >= 100)
-            if pending is None or not (due or time.monotonic() - self._last_write >= self._interval):
+            if pending is None or not self._due(force, pending):
                 return
+            kept = not self._written or pending[0] >= 100
             self._pending = None
             self._written = True
             self._last_write = time.monotonic()
             live = self._take_live()
+            write = _Write(pending, live if self._writer_takes_live else None, kept)
+            queued = self._background and self._hand_off(write)
+        if queued:
+            _background_writer().submit(self)
+        elif not self._background:
+            self._write(write)
+
+    def _write(self, write: _Write) -> None:
         from worker.queue import LeaseLost
 
         try:
-            if self._writer_takes_live:
-                written = self._write_progress(*pending, live=live)
+            if write.live is not None:
+                written = self._write_progress(*write.pending, live=write.live)
             else:
-                written = self._write_progress(*pending)
+                written = self._write_progress(*write.pending)
             if written:
                 self.interrupt(JobCanceled)
         except LeaseLost:
@@ -323,6 +371,39 @@ class JobContext:
         asset = {**stored.to_json(), "index": index, **metadata}
         self.assets.append(asset)
         return asset
+
+
+class _BackgroundWriter:
+    """The thread that writes progress handed off by job threads (JobContext background=True), one
+    update at a time in the order handed: a slow or unreachable database delays the row's progress,
+    never the denoising. Process-wide and started on first use; daemon, so it never blocks the exit."""
+
+    def __init__(self) -> None:
+        self._queue: SimpleQueue[JobContext] = SimpleQueue()
+        threading.Thread(target=self._run, name="progress-writer", daemon=True).start()
+
+    def submit(self, ctx: JobContext) -> None:
+        self._queue.put(ctx)
+
+    def _run(self) -> None:
+        while True:
+            ctx = self._queue.get()
+            try:
+                ctx._write_next()
+            except Exception:  # a lost progress write is not worth the thread
+                log.exception("progress write of job %s failed", ctx.job.id)
+
+
+_writer: _BackgroundWriter | None = None
+_writer_lock = threading.Lock()
+
+
+def _background_writer() -> _BackgroundWriter:
+    global _writer
+    with _writer_lock:
+        if _writer is None:
+            _writer = _BackgroundWriter()
+        return _writer
 
 
 # --- registry -------------------------------------------------------------------------
