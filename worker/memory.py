@@ -28,6 +28,10 @@ model loaded in bf16 overestimate; the measurement replaces it). A model whose e
 while it runs (WAN loads its VACE/I2V pipelines on the first job that needs them) has its footprint
 raised when the job releases it.
 
+Headroom: a job needs memory beyond its model's weights (its activations; worker.headroom holds the
+measured figures per model family). Evictions keep free, inside the budget, the headroom of the model
+being loaded and of every model a running job holds: `weights_limit()`.
+
 Out of memory during a job: the worker calls `relieve()` (gc, empty_cache, evict every idle model)
 and retries the job once; see worker.loop. A load that fails for another reason raises WorkerFault
 (scope "handler:<name>", or "disk" for a full disk; worker.faults): the job is not to blame.
@@ -52,6 +56,7 @@ from typing import Any
 from worker.config import Settings
 from worker.faults import is_oom_error, load_fault
 from worker.handlers.base import MODEL_LOAD_LOCK, Handler
+from worker.headroom import headroom_bytes
 from worker.jobs import ErrorCode, JobError, WorkerFault
 from worker.queue import WorkerMemory
 
@@ -271,6 +276,21 @@ class MemoryManager:
             return CPU_DEFAULT_BUDGET
         return int(self.settings.memory_fraction * _torch().cuda.mem_get_info(index)[1])
 
+    def headroom(self, name: str) -> int:
+        """Bytes a job of `name` needs beyond its weights (worker.headroom)."""
+        return headroom_bytes(name, self.handlers.get(name), on_gpu=_cuda_index() is not None)
+
+    def weights_limit(self, keep: str | None = None) -> int | None:
+        """What the models' weights may fill: the budget less the headroom of `keep` (the model being
+        loaded) and of each model a running job holds, since their activations come on top; None: unlimited."""
+        budget = self.budget_bytes()
+        if budget is None:
+            return None
+        with self._lock:
+            running = {r.name for r in self._resident.values() if r.pins > 0}
+        active = running | ({keep} if keep is not None else set())
+        return max(0, budget - sum(self.headroom(name) for name in active))
+
     def pressure(self, used: int | None = None, budget: int | None = None) -> str:
         """low | medium | high | critical, from used / budget against memory_pressure_levels."""
         used = self.used_bytes() if used is None else used
@@ -421,15 +441,16 @@ class MemoryManager:
     # -- eviction -----------------------------------------------------------------------
 
     def make_room(self, need: int, *, keep: str | None = None, reason: str = "") -> list[Eviction]:
-        """Evict idle models, least recently used first, until used + need fits the budget."""
-        budget = self.budget_bytes()
-        if budget is None or self.used_bytes() + need <= budget:
+        """Evict idle models, least recently used first, until used + need fits the budget less the
+        activation headroom of `keep` and of the running models (weights_limit)."""
+        limit = self.weights_limit(keep)
+        if limit is None or self.used_bytes() + need <= limit:
             return []
         with MODEL_LOAD_LOCK:
             free_caches()
             evicted: list[Eviction] = []
             for victim in self._idle(exclude=keep):
-                if self.used_bytes() + need <= budget:
+                if self.used_bytes() + need <= limit:
                     break
                 eviction = self.evict(victim, reason=reason or "over budget")
                 if eviction is not None:
