@@ -9,6 +9,11 @@ Flow of a batch: each job's payload becomes a `Request` (token ids of its chat, 
 its sampling); requests with identical sampling are generated together as one left-padded batch by
 `ChatModel.generate_many`; a stopping criterion watches every row for its end of turn, its own
 `max_tokens`, and its job's cancel flag, and streams each row's partial reply to its row.
+
+On a GPU the criterion decides on the device and the host reads the tokens back only at the first
+token and once per stream interval, not at every token (each read waits for the GPU); generation runs
+on a high-priority CUDA stream of the model's own, so its kernels and reads never queue behind a
+video's work on the default stream of another job thread.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,6 +147,7 @@ class ChatModel:
         self.static_cache = static_cache
         self.compile = compile
         self.lock = threading.Lock()  # one generate at a time on this model
+        self._stream: Any = None  # its CUDA stream, made on the first generate on a GPU
 
         checkpoint = model.generation_config
         eos = checkpoint.eos_token_id if checkpoint.eos_token_id is not None else []
@@ -314,54 +320,101 @@ class ChatModel:
         extra: dict[str, Any] = {}
         if self.static_cache:
             extra = {"cache_implementation": "static", "disable_compile": not self.compile}
-        with self.lock, torch.inference_mode(), _Streamer(rows, stream_interval):
+        rows.sync_every = stream_interval
+        with self.lock, torch.inference_mode(), self.on_stream(), _Streamer(rows, stream_interval):
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             rows.started = time.perf_counter()
-            self.model.generate(
+            sequences = self.model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                 max_new_tokens=max(r.max_new_tokens for r in requests),
                 eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
                 stopping_criteria=StoppingCriteriaList([rows]),
                 **sampling.generate_kwargs(), **extra,
             )
+            rows.read(sequences)  # the last read: every row's whole reply
             elapsed = time.perf_counter() - rows.started
         return [rows.outcome(row, elapsed) for row in range(len(requests))]
+
+    @contextlib.contextmanager
+    def on_stream(self) -> Iterator[None]:
+        """Run the block on the model's own high-priority CUDA stream; on CPU, nothing."""
+        import torch
+
+        device = self.model.device
+        if device.type != "cuda":
+            yield
+            return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device, priority=-1)
+        caller = torch.cuda.current_stream(device)
+        self._stream.wait_stream(caller)  # the weights and inputs the caller's stream wrote come first
+        with torch.cuda.stream(self._stream):
+            yield
+        caller.wait_stream(self._stream)
 
 
 class _Rows:
     """Stopping criterion of one batch: per row, its end of turn, its own max_tokens and its job's
-    cancellation (checked after every token)."""
+    cancellation, decided on the device after every token. The host reads the tokens back (`tokens`,
+    `finish`: what the streamer shows) at the first token, then once per `sync_every` seconds."""
 
     def __init__(self, model: ChatModel, requests: Sequence[Request]) -> None:
         self.model = model
         self.requests = requests
         self.eos = set(model.eos_ids)
+        self.width = max((len(r.prompt_ids) for r in requests), default=0)  # generate's left-padded prompt
         self.tokens: list[list[int]] = [[] for _ in requests]
         self.finish: list[str | None] = [None] * len(requests)
         self.first_token: list[float | None] = [None] * len(requests)
         self.started = time.perf_counter()
+        self.sync_every = 0.0
+        self.reads = 0
+        self._last_read: float | None = None
+        self._device: Any = None  # eos ids, each row's max_tokens and cancel flags, on the model's device
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         import torch
 
-        newest = input_ids[:, -1].tolist()
-        now = time.perf_counter()
+        device = input_ids.device
+        if self._device is None:
+            self._device = (torch.tensor(sorted(self.eos), device=device),
+                            torch.tensor([r.max_new_tokens for r in self.requests], device=device),
+                            torch.zeros(len(self.requests), dtype=torch.bool, device=device))
+        eos, limits, canceled = self._device
         for row, request in enumerate(self.requests):
-            if self.finish[row] is not None:
-                continue
-            if self.first_token[row] is None:
-                self.first_token[row] = now - self.started
-            token = newest[row]
-            if token in self.eos:
-                self.finish[row] = "stop"
-            else:
-                self.tokens[row].append(token)
-                if len(self.tokens[row]) >= request.max_new_tokens:
-                    self.finish[row] = "length"
             if self.finish[row] is None and request.ctx is not None and request.ctx.cancelled:
                 self.finish[row] = "interrupted"
-        return torch.tensor([f is not None for f in self.finish], dtype=torch.bool, device=input_ids.device)
+                canceled[row] = True
+        now = time.perf_counter()
+        if self._last_read is None or now - self._last_read >= self.sync_every:
+            self.read(input_ids)
+            self._last_read = now
+        generated = input_ids.shape[1] - self.width
+        return torch.isin(input_ids[:, -1], eos) | (limits <= generated) | canceled
+
+    def read(self, sequences: torch.Tensor) -> None:
+        """Bring the rows' tokens to the host (waits for the device): each row up to its end of turn or
+        its max_tokens; after that the batch pads it."""
+        generated = sequences[:, self.width:].tolist()
+        now = time.perf_counter()
+        self.reads += 1
+        for row, request in enumerate(self.requests):
+            if self.first_token[row] is None and generated[row]:
+                self.first_token[row] = now - self.started
+            if self.finish[row] == "interrupted":
+                continue
+            tokens: list[int] = []
+            finish: str | None = None
+            for token in generated[row]:
+                if token in self.eos:
+                    finish = "stop"
+                    break
+                tokens.append(token)
+                if len(tokens) >= request.max_new_tokens:
+                    finish = "length"
+                    break
+            self.tokens[row], self.finish[row] = tokens, finish
 
     def outcome(self, row: int, elapsed: float) -> Generation | BaseException:
         request = self.requests[row]
