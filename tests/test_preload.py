@@ -179,3 +179,25 @@ def test_discard_storage_keeps_nothing() -> None:
     assert stored.size == 3 and stored.url == "warm-up://b/p/0.png"
     with pytest.raises(ObjectNotFound):
         storage.download("b", "p/0.png")
+
+
+def test_chat_and_wan_warm_up_payloads_fit_their_first_served_types(models: dict[str, Path], database_url: str,
+                                                                     tmp_path: Path) -> None:
+    from worker.handlers.chat import ChatHandler
+    from worker.handlers.wan import WanHandler
+    from worker.tiny_models import build_tiny_qwen
+
+    settings = Settings(home=tmp_path, diffusion_device="cpu")
+    chat = ChatHandler(settings, model=str(build_tiny_qwen(tmp_path / "tiny-qwen2")), device="cpu")
+    wan = WanHandler(settings, model=str(models["wan"]), vace_model="", chat=chat)
+    requests: list[Any] = []
+    parse = wan.parse
+    wan.parse = lambda job: requests.append(parse(job)) or requests[-1]  # type: ignore[method-assign]
+    handlers: dict[str, Any] = {"chat": chat, "wan": wan}
+    memory = MemoryManager(settings, handlers)
+    types = read_job_types(database_url)
+    served = sorted((t for t in types.values() if t.handler in handlers), key=lambda t: t.name)
+    assert preload(handlers, memory, served) == {}
+    assert memory.loaded_names() == ["chat", "wan"]
+    assert [(r.steps, r.enhance) for r in requests] == [(2, False)]
+    assert chat.model is not None and chat._unreported_load == 0.0  # a chat job ran: its first job waited for no load
