@@ -80,6 +80,20 @@ def test_a_cancel_or_lost_lease_takes_effect_at_the_next_progress_call(tmp_path:
         ctx.progress(0.2, "second")
 
 
+def test_a_forced_flush_returns_once_written_after_the_writes_before_it(tmp_path: Any) -> None:
+    writer = GatedWriter()
+    ctx = JobContext(_job(), LocalStorage(tmp_path), writer, 3600.0, background=True)
+    ctx.progress(0.1, "first")  # written at once: waits at the gate in the writer thread
+    ctx.progress(0.2, "throttled")
+    flushed = threading.Event()
+    flusher = threading.Thread(target=lambda: (ctx.flush(force=True), flushed.set()))
+    flusher.start()
+    assert not flushed.wait(0.2)  # a preview's row must be written before its object is removed
+    writer.gate.set()
+    flusher.join(10)
+    assert flushed.is_set() and writer.writes == [(10, "first"), (20, "throttled")]
+
+
 def test_synchronous_contexts_still_write_on_the_calling_thread(tmp_path: Any) -> None:
     writer = GatedWriter()
     writer.gate.set()

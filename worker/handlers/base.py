@@ -98,7 +98,8 @@ ProgressWriter = Callable[..., bool]
 class _Write:
     pending: tuple[int, str | None, dict[str, Any] | None]
     live: LiveUpdate | None  # for a writer that takes it
-    kept: bool  # the first or the last: never replaced by a later update
+    kept: bool  # the first, the last or a forced one: never replaced by a later update
+    done: threading.Event | None = None  # set once written, for a forced flush that waits for it
 
 
 def _takes_live(writer: Callable[..., Any]) -> bool:
@@ -186,7 +187,11 @@ class JobContext:
         with self._lock:
             write = self._outbox.popleft() if self._outbox else None
         if write is not None:
-            self._write(write)
+            try:
+                self._write(write)
+            finally:
+                if write.done is not None:
+                    write.done.set()
 
     def flush(self, force: bool = False) -> None:
         """Write the pending update once the interval allows (the lease keeper calls this so a
@@ -198,17 +203,22 @@ class JobContext:
                 pending = (*self._latest, None)
             if pending is None or not self._due(force, pending):
                 return
-            kept = not self._written or pending[0] >= 100
+            kept = force or not self._written or pending[0] >= 100
             self._pending = None
             self._written = True
             self._last_write = time.monotonic()
             live = self._take_live()
-            write = _Write(pending, live if self._writer_takes_live else None, kept)
+            # forced: written by the time flush returns (a preview's row before its object goes), after
+            # the writes queued before it
+            write = _Write(pending, live if self._writer_takes_live else None, kept,
+                           threading.Event() if force and self._background else None)
             queued = self._background and self._hand_off(write)
         if queued:
             _background_writer().submit(self)
         elif not self._background:
             self._write(write)
+        if write.done is not None:
+            write.done.wait(60)
 
     def _write(self, write: _Write) -> None:
         from worker.queue import LeaseLost
@@ -390,8 +400,8 @@ class _BackgroundWriter:
             ctx = self._queue.get()
             try:
                 ctx._write_next()
-            except Exception:  # a lost progress write is not worth the thread
-                log.exception("progress write of job %s failed", ctx.job.id)
+            except Exception as err:  # a lost progress write is not worth the thread (a pool closed at shutdown)
+                log.warning("progress write of job %s failed: %s", ctx.job.id, err)
 
 
 _writer: _BackgroundWriter | None = None
