@@ -27,16 +27,21 @@ def claim_params(types: list[str], limit: int = 1, *, affine: list[str] | None =
 
 
 def explain_claim(sql: Sql, params: dict[str, Any], *, analyze: bool = True) -> str:
-    """The plan of the claim's statement as public.claim_jobs runs it: its body, prepared under the
-    function's own settings. With analyze the claim runs, in a transaction that is rolled back."""
+    """The plan of the statement public.claim_jobs runs for these parameters (its first without
+    affinity and caps, else its second), prepared under the function's own settings. With analyze
+    the claim runs, in a transaction that is rolled back."""
     row = sql.execute("select prosrc, proconfig, proargnames, array(select format_type(t, null)"
                       " from unnest(proargtypes) as t) as types from pg_proc where oid = %s::regprocedure",
                       (CLAIM_FUNCTION,)).fetchone()
     assert row is not None
-    found = re.search(r"return query\s+(.*?);\s*end\s*$", row["prosrc"], re.S | re.I)
-    assert found, "claim_jobs is not one `return query` statement"
+    statements = re.findall(r"return query\s+(.*?);", row["prosrc"], re.S | re.I)
+    assert len(statements) == 2, "claim_jobs: a statement without affinity and caps, and one with"
+    capped = sql.execute("select exists (select 1 from public.job_quotas where max_running_jobs is not null)"
+                         " as yes").fetchone()
+    assert capped is not None
+    statement = statements[1] if params["affine_types"] or capped["yes"] else statements[0]
     names: list[str] = row["proargnames"][:len(row["types"])]
-    body = re.sub(r"claim_jobs\.(\w+)", lambda m: f"${names.index(m.group(1)) + 1}", found.group(1))
+    body = re.sub(r"claim_jobs\.(\w+)", lambda m: f"${names.index(m.group(1)) + 1}", statement)
     values = [params["job_types"], params["limit"], params["affine_types"], params["window"],
               params["aging_seconds"], params["worker_id"], params["lease_seconds"]]
     name = f"claim_probe_{uuid.uuid4().hex[:8]}"
@@ -113,14 +118,14 @@ def sql(database_url: str) -> Any:
 
 
 def assert_index_plan(plan: str) -> None:
-    assert "Index Scan using jobs_claim_idx on jobs" in plan, plan
+    assert re.search(r"Index (Only )?Scan using jobs_claim_idx on jobs", plan), plan
     assert "Index Cond: ((job_type = t.job_type) AND (run_at <= now()))" in plan, plan
     assert "Seq Scan on jobs" not in plan and "Bitmap" not in plan, plan
 
 
 def head_rows(plan: str) -> int:
     """Rows the head's index scan returned, summed over the served types."""
-    found = re.search(r"Index Scan using jobs_claim_idx on jobs \w+ \(actual rows=(\d+) loops=(\d+)\)", plan)
+    found = re.search(r"Index (?:Only )?Scan using jobs_claim_idx on jobs \w+ \(actual rows=(\d+) loops=(\d+)\)", plan)
     assert found, plan
     return int(found.group(1)) * int(found.group(2))
 
@@ -145,6 +150,10 @@ def test_mixed_backlog_reads_only_the_served_type(sql: Sql) -> None:
         plan = explain_claim(sql, claim_params(["type_b"], 1))
         assert_index_plan(plan)
         assert head_rows(plan) <= 1 + 1, plan
+    sql.execute("update public.job_quotas set max_running_jobs = 3 where job_type is null")  # the second statement
+    plan = explain_claim(sql, claim_params(["type_b"], 1))
+    assert_index_plan(plan)
+    assert "jobs_user_running_idx" in plan and head_rows(plan) <= 1 + 1, plan
 
 
 def test_fresh_table_never_analyzed(sql: Sql) -> None:

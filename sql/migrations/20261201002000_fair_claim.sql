@@ -79,17 +79,22 @@ comment on column public.job_quotas.max_running_jobs is
 
 -- The claim (worker/queue.py CLAIM_JOBS calls it): up to max_jobs due jobs of the served types.
 -- Order: priority; then, with model affinity, the types whose model is loaded here (affine_types)
--- unless a job ahead of them waited longer than aging_seconds; then the turn, so users take turns
--- (each user's own jobs in the order they became due); then the due time. Each served type's queue
--- is read from its head, at most reach + max_jobs rows (the slack covers rows other workers are
--- locking right now), so a claim costs the same at any backlog. A user at their cap
--- (job_quotas.max_running_jobs) is passed over. Rows are locked one by one in that order with SKIP
--- LOCKED, so concurrent workers never wait on each other and never get the same job.
+-- unless a job ahead of them waited longer than aging_seconds; then the turn, so users take turns;
+-- then the due time. Each served type's queue is read from its head, at most reach + max_jobs rows
+-- (the slack covers rows other workers are locking right now, and users at their cap), so a claim
+-- costs the same at any backlog. A user at their cap (job_quotas.max_running_jobs) is passed over.
+-- Rows are locked one by one in that order with SKIP LOCKED, so concurrent workers never wait on
+-- each other and never get the same job.
 --
--- The settings pin the plan: only index scans, sorts only of the few rows read, one generic plan
--- per session (planned once, never from a table's statistics), no JIT. The body is one
--- statement whose parameters are written claim_jobs.<name>: tests/test_claim.py prepares it as it is
--- to check its plan.
+-- Without affinity and caps (no model loaded yet, a worker without models) the first statement
+-- runs: the heads' own order, nothing else. The second, with affinity, hands each user's turns to
+-- that user's jobs in the order they became due (the aging bound is about how long a job waited,
+-- and a retry is due again only after its backoff), then applies affinity, aging and caps.
+--
+-- The settings pin the plans: only index scans, sorts only of the few rows read, generic plans
+-- planned once per session and never from a table's statistics, no JIT. Each of the two
+-- statements names its parameters claim_jobs.<name>: tests/test_claim.py prepares them as they are
+-- to check their plans.
 create function public.claim_jobs(
   served_types text[],
   max_jobs integer,
@@ -114,6 +119,56 @@ set jit = off
 as $$
 #variable_conflict use_column
 begin
+  if cardinality(claim_jobs.affine_types) = 0
+     and not exists (select 1 from public.job_quotas as q where q.max_running_jobs is not null) then
+  -- no model loaded here and no cap: the order is the heads' own, priority, turn, due time
+  return query
+  with head as materialized (
+    select h.*
+    from unnest(claim_jobs.served_types) as t(job_type)
+    cross join lateral (
+      select j.id, j.priority, j.turn, j.run_at
+      from public.jobs as j
+      where j.status = 'queued' and j.job_type = t.job_type and j.run_at <= now()
+      order by j.priority desc, j.turn, j.run_at, j.id
+      limit claim_jobs.reach + claim_jobs.max_jobs
+    ) as h
+  ),
+  allowed as materialized (
+    select h.id, row_number() over (order by h.priority desc, h.turn, h.run_at, h.id) as ord
+    from head as h
+    order by 2
+  ),
+  next as (
+    -- status as text: a lookup no partial index can serve, only the primary key
+    select a.id, a.ord
+    from allowed as a
+    cross join lateral (
+      select 1 from public.jobs as j
+      where j.id = a.id and j.status::text = 'queued'
+      for update skip locked
+    ) as locked
+    limit claim_jobs.max_jobs
+  ),
+  picked as (
+    select array_agg(n.id order by n.ord) as ids from next as n
+  )
+  update public.jobs as j
+  set status = 'processing',
+      worker_id = claim_jobs.claimer,
+      attempts = j.attempts + 1,  -- counted at claim: a job that kills its worker is still bounded
+      lease_expires_at = now() + make_interval(secs => claim_jobs.lease_seconds),
+      started_at = now(),
+      progress = 0,
+      stage = 'running'
+  from picked as p
+  where j.id = any(p.ids)
+  returning j.id, j.user_id, j.job_type, j.queue, j.payload, j.priority, j.attempts, j.max_attempts,
+            j.created_at, j.started_at, j.run_at, j.errors, array_position(p.ids, j.id)::bigint;
+  return;
+  end if;
+
+  -- affinity or caps: the same heads, ordered and filtered as the comment above says
   return query
   with head as materialized (
     select h.*
