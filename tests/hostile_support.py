@@ -14,6 +14,7 @@ class SlowPrepareHandler:
     """`prepare` sleeps `fetch_seconds` (a slow reference URL); `run` is instant. Records who ran when."""
 
     concurrent = False
+    prepare_fetches = True
 
     def __init__(self) -> None:
         self.loads = 0

@@ -282,15 +282,18 @@ class Worker:
         ctxs = [JobContext(job, self.storage, self._progress_writer(job.id), self.settings.progress_interval,
                            background=True)  # progress round trips off the job thread (worker.handlers.base)
                 for job in jobs]
-        single = len(jobs) == 1
+        info = jobs[0].type_info
+        # Only a handler whose prepare() downloads (references) gets the extra thread hop: for the rest
+        # validation is quick and runs on the job's own runner thread.
+        fetches = len(jobs) == 1 and getattr(self.handlers.get(info.handler if info else ""), "prepare_fetches", False)
         with self._running_lock:
             for job, ctx in zip(jobs, ctxs, strict=True):
-                self._running[job.id] = Running(job, ctx, preparing=single)
+                self._running[job.id] = Running(job, ctx, preparing=fetches)
         self.stats.claimed += len(jobs)
         for job in jobs:
             log.info("job %s claimed: %s, attempt %d of %d", job.id, job.job_type, job.attempts, job.max_attempts,
                      extra=job_log_fields(job, self.id))
-        if single:
+        if fetches:
             self._preparers.submit(lambda: self._prepare_then_run(jobs, ctxs))
         else:
             self._runners.submit(lambda: self._run_jobs(jobs, ctxs))
@@ -303,7 +306,7 @@ class Worker:
                     self._running[job.id].preparing = False
         self._wake.set()  # the slot it held while preparing counts again
         if ready:
-            self._runners.submit(lambda: self._run_jobs(*ready))
+            self._runners.submit(lambda: self._run_jobs(*ready, prepared=True))
 
     def _prepare(self, jobs: list[Job], ctxs: list[JobContext]) -> tuple[list[Job], list[JobContext]] | None:
         """Validate each job (and fetch its references, for handlers that have a `prepare`) before any
@@ -335,8 +338,8 @@ class Worker:
 
         return write
 
-    def _run_jobs(self, jobs: list[Job], ctxs: list[JobContext]) -> None:
-        if len(jobs) > 1:  # a batch is validated here, by its runner thread, still before its model loads
+    def _run_jobs(self, jobs: list[Job], ctxs: list[JobContext], prepared: bool = False) -> None:
+        if not prepared:  # validated here, by the job's runner thread, still before its model loads
             batch = self._prepare(jobs, ctxs)
             if batch is None:
                 return

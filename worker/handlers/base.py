@@ -60,7 +60,8 @@ class Handler(Protocol):
     - `prepare(job, ctx)`: validate the payload (raise JobError INVALID_INPUT) and fetch what the job
       needs from outside (reference images), storing it on `ctx.prepared`. The worker calls it before
       the model is loaded and without holding a job slot, so an invalid job never loads a model and a
-      slow download delays only its own job; run() then finds `ctx.prepared` set.
+      slow download delays only its own job (with `prepare_fetches = True` it runs on a thread of its
+      own, holding no job slot; else on the job's thread); run() then finds `ctx.prepared` set.
     - `uses_storage = False`: the handler publishes nothing, so a storage fault does not stop it.
     - `warm_up()`: after load(), one tiny generation at the served shapes (kernels chosen, allocator
       grown), for `run --preload` (worker.preload); without it the preload runs one tiny job of the

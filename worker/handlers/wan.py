@@ -364,6 +364,8 @@ class WanHandler:
 
     # -- a job --------------------------------------------------------------------------
 
+    prepare_fetches = True  # prepare() downloads reference images: the worker runs it on its own thread
+
     def prepare(self, job: Job, ctx: JobContext) -> None:
         """Validate the job and fetch its reference frames, holding no model: the worker calls this before
         the load, so an invalid job never loads a model and a slow reference URL holds no GPU."""
