@@ -263,3 +263,16 @@ def test_a_claim_does_not_wait_for_the_last_jobs_outcome_to_commit(queue: JobQue
     committed = sql.execute("select at from finish_log").fetchone()
     started = wait_status(queue, b, "processing", "completed")["started_at"]
     assert committed is not None and started < committed["at"], (started, committed)
+
+
+def test_a_claim_says_whether_due_jobs_were_left(sql: Sql, queue: JobQueue) -> None:
+    for _ in range(3):
+        queue.enqueue("type_a", {})
+    queue.enqueue("type_b", {}, run_at=datetime.now(UTC) + timedelta(hours=1))  # not due: not counted
+    claimer = JobQueue(queue.pool, "counting")
+    first = claimer.claim(["type_a", "type_b"], 1)
+    assert len(first) == 1 and first.more_queued
+    rest = claimer.claim(["type_a", "type_b"], 2)
+    assert len(rest) == 2 and not rest.more_queued  # the worker waits for a notify, not for a free slot
+    none = claimer.claim(["type_a", "type_b"], 2)
+    assert none == [] and not none.more_queued

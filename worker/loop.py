@@ -194,7 +194,8 @@ class Worker:
                     self._wake.wait(min(self.settings.fallback_poll_interval, 1.0))
                     continue
                 self._dispatch(jobs)
-                more_maybe = len(jobs) == free
+                # a full claim that left nothing due: no claim when the slots free, only on a notify
+                more_maybe = len(jobs) == free and getattr(jobs, "more_queued", True)
                 if not more_maybe:
                     next_poll = time.monotonic() + self._idle_timeout()
                 if more_maybe:

@@ -329,6 +329,13 @@ class Outcome:
         }
 
 
+class Claimed(list[Job]):
+    """The jobs of one claim, in claim order. more_queued: whether due jobs were left in the queues
+    it read (False: claiming again finds nothing until a job is queued or comes due)."""
+
+    more_queued: bool = False
+
+
 class WorkerMemory(TypedDict):
     """The memory columns of a workers row, as worker.memory.MemoryManager.report() gives them."""
 
@@ -411,12 +418,12 @@ class JobQueue:
         self._execute(SET_WORKER_STATE, {"id": self.worker_id, "state": state})
 
     def claim(self, job_types: Sequence[str], limit: int, *, affine_types: Sequence[str] = (),
-              window: int = 256, aging_seconds: float = 300.0) -> list[Job]:
+              window: int = 256, aging_seconds: float = 300.0) -> Claimed:
         """Claim up to `limit` jobs, in claim order; `affine_types` (models loaded here) may be taken
         ahead of their turn from about the first `window` queued jobs of the served types."""
         types = list(job_types)
         if not types or limit < 1:
-            return []
+            return Claimed()
         # Each type's queue is read from its head: the reach is shared out among the types, and a
         # few rows more than the claim needs let a cap or another worker's locks pass over some.
         reach = max(limit, -(-window // len(types))) if affine_types else max(limit, CLAIM_SLACK)
@@ -428,7 +435,9 @@ class JobQueue:
             "worker_id": self.worker_id, "lease_seconds": self.lease_seconds,
         })  # not durable: a claim lost in a crash only means the job is claimed again
         rows.sort(key=lambda row: row.pop("claim_order"))
-        return [Job.model_validate(row) for row in rows]
+        claimed = Claimed(Job.model_validate(row) for row in rows)
+        claimed.more_queued = any([row.pop("more_queued") for row in rows])
+        return claimed
 
     def next_due(self, job_types: Sequence[str]) -> datetime | None:
         rows = self._execute(NEXT_DUE, {"job_types": list(job_types)})

@@ -23,8 +23,8 @@ from (select id, row_number() over (partition by user_id, priority order by run_
       from public.jobs where status = 'queued') as t
 where j.id = t.id and t.turn > 0;
 
--- Replaces the claim index of 20261122000000_job_queue.sql, which one ordered walk shared by every
--- job type: a worker of type B walked all of type A's backlog to find its jobs.
+-- Replaces the claim index of 20261122000000_job_queue.sql: one ordered walk that every job type
+-- shared, so a worker of type B walked all of type A's backlog to find its jobs.
 drop index public.jobs_claim_idx;
 create index jobs_claim_idx on public.jobs (job_type, priority desc, turn, run_at, id) where status = 'queued';
 -- The head of each priority's queue and each user's last turn, for the insert trigger.
@@ -38,9 +38,15 @@ create index jobs_user_running_idx on public.jobs (user_id, job_type)
 
 -- Named to fire after jobs_before_insert and jobs_before_insert_limits (name order): a row that
 -- fails at insert, or that its quota refuses, needs no turn. Security definer: the head of the
--- queue is in other users' rows, which RLS hides from the inserting user.
+-- queue is in other users' rows, which RLS hides from the inserting user. Index scans only: a plan
+-- cached by a long-lived session (PostgREST's) while the table was small stays an index probe.
 create function public.jobs_assign_turn() returns trigger
-language plpgsql security definer set search_path = '' as $$
+language plpgsql security definer
+set search_path = ''
+set enable_seqscan = off
+set enable_bitmapscan = off
+set enable_sort = off
+as $$
 declare
   head bigint;
   last bigint;
@@ -84,7 +90,9 @@ comment on column public.job_quotas.max_running_jobs is
 -- (the slack covers rows other workers are locking right now, and users at their cap), so a claim
 -- costs the same at any backlog. A user at their cap (job_quotas.max_running_jobs) is passed over.
 -- Rows are locked one by one in that order with SKIP LOCKED, so concurrent workers never wait on
--- each other and never get the same job.
+-- each other and never get the same job. Each row returned says in claim_order where it came in
+-- that order, and in more_queued whether the heads held more due jobs than were taken: when not, a
+-- worker need not claim again until something is queued (a notify) or comes due.
 --
 -- Without affinity and caps (no model loaded yet, a worker without models) the first statement
 -- runs: the heads' own order, nothing else. The second, with affinity, hands each user's turns to
@@ -107,7 +115,7 @@ create function public.claim_jobs(
 returns table (
   id uuid, user_id uuid, job_type text, queue text, payload jsonb, priority integer, attempts integer,
   max_attempts integer, created_at timestamptz, started_at timestamptz, run_at timestamptz, errors jsonb,
-  claim_order bigint
+  claim_order bigint, more_queued boolean
 )
 language plpgsql volatile
 set search_path = public  -- what the worker's own session has: triggers on jobs run as they would
@@ -164,7 +172,8 @@ begin
   from picked as p
   where j.id = any(p.ids)
   returning j.id, j.user_id, j.job_type, j.queue, j.payload, j.priority, j.attempts, j.max_attempts,
-            j.created_at, j.started_at, j.run_at, j.errors, array_position(p.ids, j.id)::bigint;
+            j.created_at, j.started_at, j.run_at, j.errors, array_position(p.ids, j.id)::bigint,
+            (select count(*) from head) > cardinality(p.ids);
   return;
   end if;
 
@@ -254,7 +263,8 @@ begin
   from picked as p
   where j.id = any(p.ids)
   returning j.id, j.user_id, j.job_type, j.queue, j.payload, j.priority, j.attempts, j.max_attempts,
-            j.created_at, j.started_at, j.run_at, j.errors, array_position(p.ids, j.id)::bigint;
+            j.created_at, j.started_at, j.run_at, j.errors, array_position(p.ids, j.id)::bigint,
+            (select count(*) from head) > cardinality(p.ids);
 end
 $$;
 
@@ -282,7 +292,11 @@ returns table (
   throughput_per_minute double precision,
   estimated_start_at timestamptz
 )
-language sql stable security definer set search_path = '' as $$
+language sql stable security definer
+set search_path = ''
+set enable_seqscan = off  -- counts walk index ranges, whatever the statistics say
+set jit = off
+as $$
   with mine as (
     select j.id, j.job_type, j.queue, j.priority, j.turn, j.run_at
     from public.jobs as j
