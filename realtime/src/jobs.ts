@@ -581,6 +581,3 @@ function microseconds(timestamp: string): number {
   const fraction = (m[2] ?? '').padEnd(6, '0').slice(0, 6)
   return Date.parse(`${m[1]}${m[3]}`) * 1000 + Number(fraction)
 }
-
-// Where a signed-in user's queued jobs stand (position, estimated start): see queuePosition.ts.
-export * from './queuePosition'
