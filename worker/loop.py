@@ -1,46 +1,42 @@
 """The worker loop: wake, claim, dispatch, keep leases, finish, shut down.
 
-Threads: the main loop claims and finishes (batched, one statement each); each job runs in its
-own thread; a lease keeper beats every lease/3 seconds; a listener turns NOTIFY into wake-ups
-and falls back to polling when LISTEN is unavailable. No transaction is open while a handler runs.
+Threads: the main loop claims (one statement per claim); a finisher writes outcomes (batched, one
+durable statement), so a claim never waits on another job's commit; each job runs on a reused
+runner thread (worker.execution), a job whose handler downloads references first on a preparer
+thread; the lease keeper (worker.keeper) beats every lease/3 seconds; a listener turns NOTIFY into
+wake-ups and falls back to polling when LISTEN is unavailable. No transaction is open while a
+handler runs.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import random
 import signal
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Any
 from uuid import UUID
 
 import psycopg
 
 from worker import db
 from worker.config import Settings
-from worker.estimate import LiveUpdate
-from worker.faults import worker_fault_of
+from worker.execution import JobExecution
 from worker.handlers.base import (
     Handler,
     JobCanceled,
-    JobContext,
-    JobInterrupted,
-    JobLeaseLost,
     WorkerStopping,
 )
-from worker.jobs import ErrorCode, Job, JobError, JobType, WorkerFault, classify
-from worker.memory import MemoryManager, is_oom
-from worker.queue import JobQueue, Outcome, WorkerIdInUse, WorkerMemory
-from worker.running import Faults, HangWatchdog, JobRunners, JobTimedOut, Running, WorkerStats, job_log_fields
+from worker.jobs import ErrorCode, JobError, JobType
+from worker.keeper import LeaseKeeping
+from worker.memory import MemoryManager
+from worker.queue import JobQueue, Outcome, WorkerIdInUse
+from worker.running import Faults, HangWatchdog, JobRunners, Running, WorkerStats
 from worker.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -52,7 +48,7 @@ CHANNEL_TYPES = "ourvidz_types"
 SLOW_PREPARE_SECONDS = 0.25  # a job still validating or fetching references after this holds no job slot
 
 
-class Worker:
+class Worker(JobExecution, LeaseKeeping):
     def __init__(
         self,
         settings: Settings,
@@ -260,238 +256,6 @@ class Worker:
         types = self.queue.served_job_types(self.handlers.keys(), self.settings.queues)
         self._served = {t.name: t for t in types}
 
-    # -- running one job ----------------------------------------------------------------
-
-    def _dispatch(self, jobs: list[Job]) -> None:
-        """One thread per job, except that jobs of a batching handler share a thread and a batch."""
-        batches: dict[str, list[Job]] = {}
-        for job in jobs:
-            job.type_info = self._served.get(job.job_type)
-            name = job.type_info.handler if job.type_info else ""
-            size = getattr(self.handlers.get(name), "max_batch_size", 1)
-            if size > 1 and hasattr(self.handlers[name], "run_batch"):
-                batch = batches.setdefault(name, [])
-                batch.append(job)
-                if len(batch) == size:
-                    self._start(batches.pop(name))
-            else:
-                self._start([job])
-        for batch in batches.values():
-            self._start(batch)
-
-    def _start(self, jobs: list[Job]) -> None:
-        ctxs = [JobContext(job, self.storage, self._progress_writer(job.id), self.settings.progress_interval,
-                           background=True)  # progress round trips off the job thread (worker.handlers.base)
-                for job in jobs]
-        info = jobs[0].type_info
-        # Only a handler whose prepare() downloads (references) gets the extra thread hop: for the rest
-        # validation is quick and runs on the job's own runner thread.
-        fetches = len(jobs) == 1 and getattr(self.handlers.get(info.handler if info else ""), "prepare_fetches", False)
-        with self._running_lock:
-            for job, ctx in zip(jobs, ctxs, strict=True):
-                self._running[job.id] = Running(job, ctx, preparing=fetches)
-        self.stats.claimed += len(jobs)
-        for job in jobs:
-            log.info("job %s claimed: %s, attempt %d of %d", job.id, job.job_type, job.attempts, job.max_attempts,
-                     extra=job_log_fields(job, self.id))
-        if fetches:
-            self._preparers.submit(lambda: self._prepare_then_run(jobs, ctxs))
-        else:
-            self._runners.submit(lambda: self._run_jobs(jobs, ctxs))
-
-    def _prepare_then_run(self, jobs: list[Job], ctxs: list[JobContext]) -> None:
-        ready = self._prepare(jobs, ctxs)
-        with self._running_lock:
-            for job in jobs:
-                if job.id in self._running:
-                    self._running[job.id].preparing = False
-        self._wake.set()  # the slot it held while preparing counts again
-        if ready:
-            self._runners.submit(lambda: self._run_jobs(*ready, prepared=True))
-
-    def _prepare(self, jobs: list[Job], ctxs: list[JobContext]) -> tuple[list[Job], list[JobContext]] | None:
-        """Validate each job (and fetch its references, for handlers that have a `prepare`) before any
-        model work; a job that fails here finishes alone, the others go on together."""
-        info = jobs[0].type_info
-        handler = self.handlers.get(info.handler) if info else None
-        prepare = getattr(handler, "prepare", None)
-        ready: tuple[list[Job], list[JobContext]] = ([], [])
-        for job, ctx in zip(jobs, ctxs, strict=True):
-            try:
-                job.payload_object()
-                if callable(prepare):
-                    prepare(job, ctx)
-            except BaseException as exc:
-                self._settle(job, ctx, exc)
-                continue
-            ready[0].append(job)
-            ready[1].append(ctx)
-        return ready if ready[0] else None
-
-    def _progress_writer(self, job_id: UUID) -> Any:
-        def write(progress: int, stage: str | None, partial: dict[str, Any] | None,
-                  live: LiveUpdate | None = None) -> bool:
-            try:
-                return self.queue.report_progress(job_id, progress, stage, partial, live)
-            except db.TRANSIENT_DB_ERRORS as err:
-                log.warning("progress write for %s skipped: %s", job_id, err)
-                return False
-
-        return write
-
-    def _run_jobs(self, jobs: list[Job], ctxs: list[JobContext], prepared: bool = False) -> None:
-        if not prepared:  # validated here, by the job's runner thread, still before its model loads
-            batch = self._prepare(jobs, ctxs)
-            if batch is None:
-                return
-            jobs, ctxs = batch
-        try:
-            values = self._call_handler(jobs, ctxs)
-        except BaseException as exc:
-            values = [exc] * len(jobs)
-        for job, ctx, value in zip(jobs, ctxs, values, strict=True):
-            self._settle(job, ctx, value)
-
-    def _settle(self, job: Job, ctx: JobContext, value: Any) -> None:
-        """Turn one job's result or exception into the outcome the main loop writes."""
-        outcome = self._outcome(job, ctx, value)
-        ctx.cleanup()
-        if outcome is not None and outcome.status != "completed":
-            ctx.discard_assets()  # a failed, retried, canceled or given-back attempt leaves nothing readable
-        if outcome is not None:
-            self._log_outcome(job, outcome)
-            self._finished.append(outcome)
-        else:
-            with self._running_lock:
-                self._running.pop(job.id, None)
-        self._wake.set()
-
-    def _call_handler(self, jobs: list[Job], ctxs: list[JobContext]) -> list[Any]:
-        """Run the handler on one job (run) or a batch (run_batch): one result or exception per job.
-
-        A job that runs out of memory is retried once in-process after the memory manager freed
-        caches and evicted every idle model; out of memory again, it goes back with OOM_ERROR."""
-        info = jobs[0].type_info
-        handler = self.handlers.get(info.handler) if info else None
-        if info is None or handler is None:
-            raise JobError(ErrorCode.UNKNOWN_JOB_TYPE, f"worker {self.id} has no handler for {jobs[0].job_type!r}")
-        values = self._invoke(info.handler, handler, jobs, ctxs)
-        order = [i for i, v in enumerate(values) if isinstance(v, Exception) and is_oom(v)]
-        if not order:
-            return values
-        for i in order:
-            values[i] = None  # the exception's traceback holds the failed attempt's tensors
-        log.warning("jobs %s ran out of memory; evicting idle models and retrying once",
-                    ", ".join(str(jobs[i].id) for i in order))
-        evicted = self.memory.relieve(keep=[info.handler])
-        retried = self._invoke(info.handler, handler, [jobs[i] for i in order], [ctxs[i] for i in order])
-        for i, value in zip(order, retried, strict=True):
-            if isinstance(value, Exception) and is_oom(value):
-                value = JobError(ErrorCode.OOM_ERROR, f"out of memory, again after evicting {len(evicted)} idle "
-                                                      f"models and retrying: {value}"[:2000], retryable=True)
-            values[i] = value
-        return values
-
-    def _invoke(self, name: str, handler: Handler, jobs: list[Job], ctxs: list[JobContext]) -> list[Any]:
-        """One call of the handler with its model resident and pinned; an Exception becomes every job's value."""
-        lock: AbstractContextManager[Any] = (
-            nullcontext() if getattr(handler, "concurrent", False)
-            else self._run_locks.setdefault(name, threading.Lock())
-        )
-        try:
-            with self.memory.use(name, on_load=lambda: ctxs[0].progress(0.0, "loading model")), lock:
-                self._mark_run_started(jobs)
-                if len(jobs) == 1:
-                    return [handler.run(jobs[0], ctxs[0])]
-                values = list(handler.run_batch(jobs, ctxs))  # type: ignore[attr-defined]
-        except Exception as exc:
-            return [exc] * len(jobs)
-        if len(values) != len(jobs):
-            error = JobError(ErrorCode.GENERATION_FAILED, f"{name} returned {len(values)} results for {len(jobs)} jobs")
-            return [error] * len(jobs)
-        return values
-
-    def _mark_run_started(self, jobs: list[Job]) -> None:
-        now = time.monotonic()
-        with self._running_lock:
-            for job in jobs:
-                if job.id in self._running:
-                    self._running[job.id].run_started = now
-
-    def _outcome(self, job: Job, ctx: JobContext, value: Any) -> Outcome | None:
-        """What to write for one job, from its handler's result or exception (None: not ours to write)."""
-        try:
-            if isinstance(value, BaseException):
-                raise value
-            ctx.check()
-            if not isinstance(value, dict):
-                raise JobError(ErrorCode.GENERATION_FAILED, f"handler returned {type(value).__name__}, not a dict")
-            json.dumps(value)  # a result the row cannot hold fails here, not in the finish
-            if _has_nul(value):
-                raise JobError(ErrorCode.GENERATION_FAILED, "result holds NUL characters, which Postgres cannot store")
-            return Outcome(job.id, "completed", result=value)
-        except JobCanceled:
-            return Outcome(job.id, "canceled")
-        except JobTimedOut:
-            limit = self._time_limit(job)
-            return self._failure(job, JobError(ErrorCode.TIMEOUT_ERROR, f"{job.job_type} jobs may run for "
-                                               f"{limit:.0f}s; this one was stopped at its limit"))
-        except JobInterrupted:
-            return None  # lease lost (another worker holds it) or shutdown (we release it)
-        except WorkerFault as fault:
-            return self._give_back(job, fault)
-        except BaseException as exc:
-            if (fault := worker_fault_of(exc, job.type_info.handler if job.type_info else None)) is not None:
-                return self._give_back(job, fault)  # a full disk, a broken device, a model that cannot load
-            error = classify(exc)
-            if error is not exc and error.code == ErrorCode.GENERATION_FAILED:  # a bug, not a known failure
-                log.error("job %s: %s raised", job.id, job.job_type, exc_info=exc, extra=job_log_fields(job, self.id))
-            return self._failure(job, error)
-
-    def _log_outcome(self, job: Job, outcome: Outcome) -> None:
-        with self._running_lock:
-            entry = self._running.get(job.id)
-        seconds = time.monotonic() - entry.started if entry else 0.0
-        fields = {**job_log_fields(job, self.id), "outcome": outcome.status, "seconds": round(seconds, 3)}
-        if outcome.status == "completed" or outcome.status == "canceled":
-            log.info("job %s %s in %.2fs", job.id, outcome.status, seconds, extra=fields)
-            return
-        error = outcome.error or {}
-        fields["code"] = error.get("code")
-        if outcome.refund:
-            return  # _give_back said why
-        if outcome.status == "queued":
-            log.warning("job %s failed attempt %d after %.2fs, retrying in %.1fs: %s %s", job.id, job.attempts,
-                        seconds, outcome.retry_delay, error.get("code"), error.get("message"), extra=fields)
-        else:
-            log.warning("job %s failed after %.2fs: %s %s", job.id, seconds, error.get("code"), error.get("message"),
-                        extra=fields)
-
-    def _give_back(self, job: Job, fault: WorkerFault) -> Outcome:
-        """The worker's own fault: the job goes back to its place in the queue with its attempt refunded,
-        and this worker stops claiming what the fault covers until a retry finds it fixed."""
-        entry = self._faults.record(fault)
-        log.error("job %s: not this job's fault (%s: %s); giving it back and not claiming %s work for %.0fs",
-                  job.id, fault.code, fault.message, fault.scope, entry.delay, extra=job_log_fields(job, self.id))
-        return Outcome(job.id, "queued", error=fault.to_json(), refund=True)
-
-    def _time_limit(self, job: Job) -> float | None:
-        info = job.type_info
-        return float(info.max_run_seconds) if info and info.max_run_seconds else None
-
-    def _failure(self, job: Job, error: JobError) -> Outcome:
-        if error.retryable and job.attempts < job.max_attempts:
-            return Outcome(job.id, "queued", error=error.to_json(), retry_delay=self._backoff(job.attempts))
-        if error.retryable:
-            error = JobError(error.code, f"{error.message} (gave up after {job.attempts} attempts)",
-                             retryable=False)
-        return Outcome(job.id, "failed", error=error.to_json())
-
-    def _backoff(self, attempt: int) -> float:
-        """Exponential with jitter: half fixed, half random, so retries of a burst spread out."""
-        ceiling = min(self.settings.retry_max_seconds, self.settings.retry_base_seconds * 2 ** (attempt - 1))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
-
     def _flush_finished(self) -> None:
         """Write the outcomes waiting in _finished (the finisher thread, or _shutdown once it is stopped).
 
@@ -547,133 +311,6 @@ class Worker:
                 error = JobError(ErrorCode.GENERATION_FAILED, f"result could not be stored: {err}", retryable=False)
                 applied |= self.queue.finish([Outcome(outcome.job_id, "failed", error=error.to_json())])
         return applied
-
-    # -- lease keeper -------------------------------------------------------------------
-
-    def _keep_leases(self) -> None:
-        beat_every = max(0.05, self.settings.lease_seconds / 3)
-        rescue_every = max(0.1, min(15.0, self.settings.lease_seconds / 2))
-        next_rescue = 0.0
-        while not self._done.is_set():
-            self._beat_requested.wait(beat_every)
-            self._beat_requested.clear()
-            if self._done.is_set():
-                break
-            self._watchdog.arm()  # re-armed each beat: only a keeper that stops beating lets it fire
-            self._enforce_time_limits()
-            self._probe_faults()
-            with self._running_lock:
-                running = list(self._running.values())
-            try:
-                for entry in running:
-                    entry.ctx.flush()
-                state = "draining" if self._stop.is_set() else ("busy" if running else "idle")
-                beat = self.queue.heartbeat([r.job.id for r in running], state, self._memory_report(), self.faults)
-                self._beat_landed(beat_every)
-                for entry in running:
-                    if entry.job.id in beat.cancel_requested:
-                        entry.ctx.interrupt(JobCanceled)
-                    elif entry.job.id not in beat.held:
-                        entry.ctx.interrupt(JobLeaseLost)
-                if time.monotonic() >= next_rescue and self._may_rescue():
-                    next_rescue = time.monotonic() + rescue_every
-                    rescued = self.queue.rescue_expired()
-                    if rescued:
-                        log.info("rescued %d jobs with expired leases: %s", len(rescued), rescued)
-            except db.TRANSIENT_DB_ERRORS as err:
-                self._connected_since = None
-                log.warning("heartbeat failed: %s", err)
-            except Exception:
-                log.exception("lease keeper error")
-
-    def _beat_landed(self, beat_every: float) -> None:
-        """Track the database as the lease keeper sees it. Missed beats are an outage whether the beats
-        failed or only waited for a connection until the database came back."""
-        now = time.monotonic()
-        gap = now - self.last_beat_at if self.last_beat_at is not None else 0.0
-        if self._connected_since is None or gap > 2 * beat_every + 1.0:
-            if self.last_beat_at is not None:
-                self._last_outage = gap
-                log.info("database reachable again after %.1fs without a heartbeat; no rescues for %.1fs",
-                         gap, self._rescue_grace())
-            self._connected_since = now
-        self.last_beat_at = now
-
-    def _may_rescue(self) -> bool:
-        """Rescue only after `rescue_grace_seconds` (default two leases) of working connections, and at
-        least as long as the last outage lasted plus a lease: when the database comes back, every live
-        worker gets that long to reconnect (a pool's reconnect attempts back off exponentially, so the
-        last one may come about an outage's length late) and renew what it holds before anyone rescues
-        it. Jobs of workers that really died wait that much longer."""
-        since = self._connected_since
-        return since is not None and time.monotonic() - since >= self._rescue_grace()
-
-    def _rescue_grace(self) -> float:
-        lease = self.settings.lease_seconds
-        return max(self.settings.rescue_grace_seconds or 2 * lease, self._last_outage + lease)
-
-    def _enforce_time_limits(self) -> None:
-        """Stop jobs past their type's run-time limit; a job that does not stop within the grace is given
-        back (TIMEOUT_ERROR) and this worker stops itself, so its supervisor restarts it and the GPU is freed."""
-        now = time.monotonic()
-        with self._running_lock:
-            running = list(self._running.values())
-        for entry in running:
-            limit = self._time_limit(entry.job)
-            if entry.overdue(now, limit):
-                entry.timed_out_at = now
-                log.warning("job %s: past its %ss limit; stopping it", entry.job.id, limit,
-                            extra=job_log_fields(entry.job, self.id))
-                entry.ctx.interrupt(JobTimedOut)
-            elif entry.timed_out_at is not None and now - entry.timed_out_at > self.settings.timeout_grace:
-                self._abandon(entry)
-
-    def _abandon(self, entry: Running) -> None:
-        job = entry.job
-        with self._running_lock:
-            if self._running.get(job.id) is not entry:
-                return
-        self.exit_reason = (f"job {job.id} ({job.job_type}) did not stop within {self.settings.timeout_grace:.0f}s "
-                            f"of its time limit; exiting so this worker is restarted")
-        log.error("%s", self.exit_reason, extra=job_log_fields(job, self.id))
-        entry.ctx.interrupt(JobLeaseLost)  # whatever it returns later is not written
-        outcome = self._failure(job, JobError(ErrorCode.TIMEOUT_ERROR, f"{job.job_type} job did not stop at its "
-                                              f"run-time limit; its worker was restarted"))
-        self._finished.append(outcome)
-        self.stop(abort=True)
-
-    def _probe_faults(self) -> None:
-        """Scopes whose backoff ran out: storage is probed first; a model or device is retried by the next job."""
-        for scope in self._faults.due():
-            check = getattr(self.storage, "check", None) if scope == "storage" else None
-            if callable(check):
-                try:
-                    check()
-                except WorkerFault as fault:
-                    self._faults.record(fault)
-                    continue
-                except Exception as err:
-                    self._faults.record(WorkerFault(ErrorCode.STORAGE_ERROR, f"storage check failed: {err}",
-                                                    scope=scope))
-                    continue
-            self._faults.clear(scope)
-            log.info("retrying %s work after an earlier fault of this worker's own", scope)
-            self._notify_claimable()
-
-    def beat_now(self, timeout: float = 2.0) -> None:
-        """Heartbeat at once (the workers row shows the current state) and wait for it."""
-        before = self.last_beat_at
-        self._beat_requested.set()
-        deadline = time.monotonic() + timeout
-        while self.last_beat_at == before and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    def _memory_report(self) -> WorkerMemory | None:
-        try:
-            return self.memory.report()
-        except Exception as err:  # a memory probe must never cost the leases their heartbeat
-            log.warning("memory report failed: %s", err)
-            return None
 
     # -- listener -----------------------------------------------------------------------
 
@@ -791,13 +428,3 @@ class Worker:
     def _outcomes_pending(self) -> int:
         """Jobs whose outcome is not written yet: their handler is done, so their slot is free."""
         return len(self._finished) + self._flushing
-
-
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_has_nul(v) for v in value)
-    return False
