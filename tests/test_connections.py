@@ -62,6 +62,7 @@ class BlackHoleProxy:
         self.port = self.listener.getsockname()[1]
         self.links: list[Link] = []
         self.dark = False
+        self.refusing = False  # while dark: close new connections at once instead of swallowing them
         self._lock = threading.Lock()
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -76,9 +77,20 @@ class BlackHoleProxy:
             for link in self.links:
                 link.dead = True
 
+    def stop_server(self) -> None:
+        """A database that stops as a server does: open connections are reset, new ones refused."""
+        with self._lock:
+            self.dark = self.refusing = True
+            links, self.links = list(self.links), []
+        for link in links:
+            for sock in (link.client, link.server):
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.close()
+
     def restore(self) -> None:
         with self._lock:
-            self.dark = False
+            self.dark = self.refusing = False
 
     def close(self) -> None:
         self._closed = True
@@ -97,6 +109,9 @@ class BlackHoleProxy:
                 return
             with self._lock:
                 dark = self.dark
+            if dark and self.refusing:
+                client.close()  # refused, as by a stopped server
+                continue
             server = None
             if not dark:
                 family = socket.AF_UNIX if isinstance(self.target, str) else socket.AF_INET

@@ -5,8 +5,6 @@ the outage goes through tests/test_connections.py's black-hole proxy (every work
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
 import time
 import uuid
@@ -18,7 +16,7 @@ import psycopg
 import pytest
 
 from tests.conftest import WorkerThread, wait_for, wait_status
-from tests.test_connections import FAST, BlackHoleProxy, Link, fast_settings, proxy  # noqa: F401  (fixtures)
+from tests.test_connections import FAST, BlackHoleProxy, fast_settings, proxy  # noqa: F401  (fixtures)
 from tests.test_processes import Cli, cli_env
 from worker.config import Settings
 from worker.handlers.base import JobContext
@@ -129,40 +127,9 @@ def test_a_database_outage_longer_than_the_lease_rescues_no_live_workers_job(
     assert FAST  # the proxy's fast timeouts make the outage noticed within seconds
 
 
-class StoppableProxy(BlackHoleProxy):
-    """A database that stops as a server does: open connections are reset, new ones refused."""
-
-    def stop_server(self) -> None:
-        with self._lock:
-            self.dark = True
-            links, self.links = list(self.links), []
-        for link in links:
-            for sock in (link.client, link.server):
-                if sock is not None:
-                    with contextlib.suppress(OSError):
-                        sock.close()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.dark:
-                client.close()  # refused, as by a stopped server
-                continue
-            family = socket.AF_UNIX if isinstance(self.target, str) else socket.AF_INET
-            server = socket.socket(family, socket.SOCK_STREAM)
-            server.connect(self.target)
-            link = Link(client, server)
-            with self._lock:
-                self.links.append(link)
-            threading.Thread(target=self._pump, args=(link,), daemon=True).start()
-
-
 def test_worker_processes_ride_out_a_database_stopped_longer_than_the_lease(
         database_url: str, queue: JobQueue, tmp_path: Path) -> None:
-    server = StoppableProxy(database_url)
+    server = BlackHoleProxy(database_url)
     env = cli_env(server.url, tmp_path / "home", tmp_path / "runs.txt")
     cli = Cli(env, tmp_path, tmp_path / "runs.txt")
     try:
