@@ -186,3 +186,42 @@ def wait_status(queue: JobQueue, job_id: Any, *statuses: str, timeout: float = 1
         return row if row and row["status"] in statuses else None
 
     return wait_for(check, timeout)
+
+
+# --- the tiny diffusion models, shared by the SDXL, WAN, preview, OOM, estimate and preload tests ---
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.diffusion_support import tiny_models
+
+    return tiny_models(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def job_types(pg_server: PostgresServer, template_db: str) -> dict[str, Any]:
+    """Every job type exactly as the migrations define it (tests/test_chat.py narrows it to chat)."""
+    from tests.diffusion_support import read_job_types
+
+    return read_job_types(pg_server.database_url(template_db))
+
+
+@pytest.fixture(scope="module")
+def sdxl(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from worker.handlers.sdxl import SdxlHandler
+
+    handler = SdxlHandler(Settings(home=tmp_path_factory.mktemp("sdxl"), diffusion_device="cpu"),
+                          model=str(models["sdxl"]))
+    handler.load()
+    return handler
+
+
+@pytest.fixture(scope="module")
+def wan(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """WAN text-to-video alone (tests/test_wan.py has its own, with VACE)."""
+    from worker.handlers.wan import WanHandler
+
+    handler = WanHandler(Settings(home=tmp_path_factory.mktemp("wan"), diffusion_device="cpu"),
+                         model=str(models["wan"]), vace_model="", i2v_model="")
+    handler.load()
+    return handler

@@ -11,8 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import PostgresServer
-from tests.diffusion_support import make_job, read_job_types, tiny_models
+from tests.diffusion_support import make_job, tiny_models
 from worker import db
 from worker.config import Settings
 from worker.estimate import (
@@ -116,11 +115,6 @@ def sdxl(tmp_path_factory: pytest.TempPathFactory) -> SdxlHandler:
                                    preview_enabled=False), model=str(models["sdxl"]))
     handler.load()
     return handler
-
-
-@pytest.fixture(scope="module")
-def job_types(pg_server: PostgresServer, template_db: str) -> dict[str, JobType]:
-    return read_job_types(pg_server.database_url(template_db))
 
 
 def timed_run(handler: SdxlHandler, job_types: dict[str, JobType], storage: LocalStorage,

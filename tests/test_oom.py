@@ -10,9 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import PostgresServer
-from tests.diffusion_support import context, expect_error, make_job, read_job_types, tiny_models
-from worker.config import Settings
+from tests.diffusion_support import context, expect_error, make_job
 from worker.faults import device_error, is_oom_error
 from worker.handlers import diffusion
 from worker.handlers.sdxl import SdxlHandler
@@ -49,24 +47,6 @@ def test_allocation_failures_are_oom_and_never_a_device_fault(err: BaseException
 @pytest.mark.parametrize("err", NOT_OOM, ids=str)
 def test_other_errors_are_not_oom(err: BaseException) -> None:
     assert not is_oom_error(err) and not diffusion.is_oom(err) and not is_oom(err)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return tiny_models(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def sdxl(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> SdxlHandler:
-    handler = SdxlHandler(Settings(home=tmp_path_factory.mktemp("sdxl"), diffusion_device="cpu"),
-                          model=str(models["sdxl"]))
-    handler.load()
-    return handler
-
-
-@pytest.fixture(scope="module")
-def job_types(pg_server: PostgresServer, template_db: str) -> dict[str, JobType]:
-    return read_job_types(pg_server.database_url(template_db))
 
 
 def raising(unet: Any, monkeypatch: pytest.MonkeyPatch, err: BaseException) -> list[int]:
@@ -121,14 +101,6 @@ def test_chat_retries_a_batch_in_halves_only_after_the_failed_batch_is_freed(
     outputs = model.generate([Request(prompt, 3, greedy), Request(prompt, 3, greedy)], stream_interval=3600)
     assert [len(o.token_ids) for o in outputs if not isinstance(o, BaseException)] == [3, 3]
     assert len(cache) == 1 and alive_at_retry == [False, False]
-
-
-@pytest.fixture(scope="module")
-def wan(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> WanHandler:
-    handler = WanHandler(Settings(home=tmp_path_factory.mktemp("wan"), diffusion_device="cpu"),
-                         model=str(models["wan"]), vace_model="", i2v_model="")
-    handler.load()
-    return handler
 
 
 def decode_oom_once(vae: Any, monkeypatch: pytest.MonkeyPatch) -> list[bool]:

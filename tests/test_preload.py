@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import WorkerThread, wait_status
-from tests.diffusion_support import read_job_types, tiny_models
+from tests.diffusion_support import read_job_types
 from worker.config import Settings
 from worker.handlers.base import JobContext
 from worker.jobs import Job
@@ -115,11 +115,6 @@ def test_preload_warms_each_served_model_before_the_first_claim_and_a_broken_one
         assert preloading.thread.is_alive()
     finally:
         preloading.stop()
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return tiny_models(tmp_path_factory)
 
 
 def test_sdxl_is_warmed_by_a_two_step_job_of_its_first_type(models: dict[str, Path], database_url: str,

@@ -22,8 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import PostgresServer
-from tests.diffusion_support import make_job, read_job_types, tiny_models
+from tests.diffusion_support import make_job
 from worker import db
 from worker.config import Settings
 from worker.estimate import LiveUpdate
@@ -45,32 +44,6 @@ from worker.storage import LocalStorage
 from worker.tiny_diffusion import build_tiny_taesd
 
 TINY = {"width": 64, "height": 64}
-
-
-@pytest.fixture(scope="session")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return tiny_models(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def job_types(pg_server: PostgresServer, template_db: str) -> dict[str, JobType]:
-    return read_job_types(pg_server.database_url(template_db))
-
-
-@pytest.fixture(scope="module")
-def sdxl(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> SdxlHandler:
-    handler = SdxlHandler(Settings(home=tmp_path_factory.mktemp("sdxl"), diffusion_device="cpu"),
-                          model=str(models["sdxl"]))
-    handler.load()
-    return handler
-
-
-@pytest.fixture(scope="module")
-def wan(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> WanHandler:
-    handler = WanHandler(Settings(home=tmp_path_factory.mktemp("wan"), diffusion_device="cpu"),
-                         model=str(models["wan"]), vace_model="", i2v_model="")
-    handler.load()
-    return handler
 
 
 def previews(handler: SdxlHandler | WanHandler, monkeypatch: pytest.MonkeyPatch, **settings: Any) -> None:

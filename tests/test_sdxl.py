@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import PostgresServer, wait_status
+from tests.conftest import wait_status
 from tests.diffusion_support import (
     USER,
     Recorder,
@@ -26,9 +26,7 @@ from tests.diffusion_support import (
     expect_error,
     make_job,
     put_reference,
-    read_job_types,
     stripes,
-    tiny_models,
 )
 from worker.config import Settings
 from worker.handlers.base import JobCanceled
@@ -40,24 +38,6 @@ from worker.queue import JobQueue
 from worker.storage import LocalStorage
 
 TINY = {"width": 64, "height": 64}
-
-
-@pytest.fixture(scope="session")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return tiny_models(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def job_types(pg_server: PostgresServer, template_db: str) -> dict[str, JobType]:
-    return read_job_types(pg_server.database_url(template_db))
-
-
-@pytest.fixture(scope="module")
-def sdxl(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> SdxlHandler:
-    handler = SdxlHandler(Settings(home=tmp_path_factory.mktemp("sdxl"), diffusion_device="cpu"),
-                          model=str(models["sdxl"]))
-    handler.load()
-    return handler
 
 
 def run(handler: SdxlHandler, job_types: dict[str, JobType], storage: LocalStorage, payload: dict[str, Any],

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import PostgresServer, wait_status
+from tests.conftest import wait_status
 from tests.diffusion_support import (
     USER,
     Recorder,
@@ -27,9 +27,7 @@ from tests.diffusion_support import (
     expect_error,
     make_job,
     put_reference,
-    read_job_types,
     stripes,
-    tiny_models,
 )
 from worker.config import Settings
 from worker.handlers.base import JobCanceled, builtin_handlers, connect_handlers
@@ -40,16 +38,6 @@ from worker.queue import JobQueue
 from worker.storage import LocalStorage
 
 TINY = {"width": 64, "height": 64, "steps": 2}
-
-
-@pytest.fixture(scope="session")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return tiny_models(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def job_types(pg_server: PostgresServer, template_db: str) -> dict[str, JobType]:
-    return read_job_types(pg_server.database_url(template_db))
 
 
 def make_handler(models: dict[str, Path], home: Path, *, vace: bool = True, i2v: str = "") -> WanHandler:

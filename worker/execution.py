@@ -21,9 +21,10 @@ from worker.estimate import LiveUpdate
 from worker.faults import worker_fault_of
 from worker.handlers.base import Handler, JobCanceled, JobContext, JobInterrupted
 from worker.jobs import ErrorCode, Job, JobError, JobType, WorkerFault, classify
+from worker.logs import job_extra
 from worker.memory import MemoryManager, is_oom
 from worker.queue import JobQueue, Outcome
-from worker.running import Faults, JobRunners, JobTimedOut, Running, WorkerStats, job_log_fields
+from worker.running import Faults, JobRunners, JobTimedOut, Running, WorkerStats
 from worker.storage import Storage
 
 log = logging.getLogger("worker.loop")  # one logger for the job's story, whichever module tells it
@@ -78,7 +79,7 @@ class JobExecution:
         self.stats.claimed += len(jobs)
         for job in jobs:
             log.info("job %s claimed: %s, attempt %d of %d", job.id, job.job_type, job.attempts, job.max_attempts,
-                     extra=job_log_fields(job, self.id))
+                     extra=job_extra(job, self.id))
         if fetches:
             self._preparers.submit(lambda: self._prepare_then_run(jobs, ctxs))
         else:
@@ -230,14 +231,14 @@ class JobExecution:
                 return self._give_back(job, fault)  # a full disk, a broken device, a model that cannot load
             error = classify(exc)
             if error is not exc and error.code == ErrorCode.GENERATION_FAILED:  # a bug, not a known failure
-                log.error("job %s: %s raised", job.id, job.job_type, exc_info=exc, extra=job_log_fields(job, self.id))
+                log.error("job %s: %s raised", job.id, job.job_type, exc_info=exc, extra=job_extra(job, self.id))
             return self._failure(job, error)
 
     def _log_outcome(self, job: Job, outcome: Outcome) -> None:
         with self._running_lock:
             entry = self._running.get(job.id)
         seconds = time.monotonic() - entry.started if entry else 0.0
-        fields = {**job_log_fields(job, self.id), "outcome": outcome.status, "seconds": round(seconds, 3)}
+        fields = job_extra(job, self.id, outcome=outcome.status, seconds=round(seconds, 3))
         if outcome.status == "completed" or outcome.status == "canceled":
             log.info("job %s %s in %.2fs", job.id, outcome.status, seconds, extra=fields)
             return
@@ -257,7 +258,7 @@ class JobExecution:
         and this worker stops claiming what the fault covers until a retry finds it fixed."""
         entry = self._faults.record(fault)
         log.error("job %s: not this job's fault (%s: %s); giving it back and not claiming %s work for %.0fs",
-                  job.id, fault.code, fault.message, fault.scope, entry.delay, extra=job_log_fields(job, self.id))
+                  job.id, fault.code, fault.message, fault.scope, entry.delay, extra=job_extra(job, self.id))
         return Outcome(job.id, "queued", error=fault.to_json(), refund=True)
 
     def _time_limit(self, job: Job) -> float | None:

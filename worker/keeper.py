@@ -17,9 +17,10 @@ from worker import db
 from worker.config import Settings
 from worker.handlers.base import JobCanceled, JobLeaseLost
 from worker.jobs import ErrorCode, Job, JobError, WorkerFault
+from worker.logs import job_extra
 from worker.memory import MemoryManager
 from worker.queue import JobQueue, Outcome, WorkerMemory
-from worker.running import Faults, HangWatchdog, JobTimedOut, Running, job_log_fields
+from worker.running import Faults, HangWatchdog, JobTimedOut, Running
 from worker.storage import Storage
 
 log = logging.getLogger("worker.loop")  # one logger for the job's story, whichever module tells it
@@ -124,7 +125,7 @@ class LeaseKeeping:
             if entry.overdue(now, limit):
                 entry.timed_out_at = now
                 log.warning("job %s: past its %ss limit; stopping it", entry.job.id, limit,
-                            extra=job_log_fields(entry.job, self.id))
+                            extra=job_extra(entry.job, self.id))
                 entry.ctx.interrupt(JobTimedOut)
             elif entry.timed_out_at is not None and now - entry.timed_out_at > self.settings.timeout_grace:
                 self._abandon(entry)
@@ -136,7 +137,7 @@ class LeaseKeeping:
                 return
         self.exit_reason = (f"job {job.id} ({job.job_type}) did not stop within {self.settings.timeout_grace:.0f}s "
                             f"of its time limit; exiting so this worker is restarted")
-        log.error("%s", self.exit_reason, extra=job_log_fields(job, self.id))
+        log.error("%s", self.exit_reason, extra=job_extra(job, self.id))
         entry.ctx.interrupt(JobLeaseLost)  # whatever it returns later is not written
         outcome = self._failure(job, JobError(ErrorCode.TIMEOUT_ERROR, f"{job.job_type} job did not stop at its "
                                               f"run-time limit; its worker was restarted"))

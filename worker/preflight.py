@@ -30,6 +30,7 @@ from worker import db
 from worker.config import Settings
 from worker.handlers.base import Handler
 from worker.jobs import WorkerFault
+from worker.queue import QUEUE_HANDLERS
 from worker.storage import Storage, StorageError, make_storage
 
 log = logging.getLogger(__name__)
@@ -101,10 +102,7 @@ def check_database(settings: Settings, database_url: str) -> set[str]:
                     f"the database lacks {len(pending)} of the worker's migrations (the first is "
                     f"{first.version}_{first.name}): run `ourvidz-worker migrate` (or `ourvidz-worker supabase "
                     "export` and `supabase db push`)", FAILED)
-            rows = conn.execute(
-                "select distinct handler from public.job_types where enabled"
-                " and (cardinality(%s::text[]) = 0 or queue = any(%s::text[]))",
-                (settings.queues, settings.queues)).fetchall()
+            rows = conn.execute(QUEUE_HANDLERS, {"queues": settings.queues}).fetchall()
     except psycopg.ProgrammingError:
         raise PreflightError("DATABASE_URL is not a valid Postgres URL "
                              "(postgresql://USER:PASSWORD@HOST:5432/DBNAME)") from None

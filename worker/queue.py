@@ -193,6 +193,14 @@ WHERE enabled AND handler = ANY(%(handlers)s)
 ORDER BY name
 """
 
+# -- queue_handlers -- the handlers the enabled job types of these queues need (empty: all queues); the
+# preflight's question, asked on its own connection before the worker's pool exists.
+QUEUE_HANDLERS = """
+SELECT DISTINCT handler
+FROM public.job_types
+WHERE enabled AND (cardinality(%(queues)s::text[]) = 0 OR queue = ANY(%(queues)s::text[]))
+"""
+
 # -- register_worker -- (re)announce this worker; no row back when a live worker (one that beat
 # within %(live_seconds)s and is not stopped) already has this id.
 REGISTER_WORKER = """

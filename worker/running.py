@@ -123,9 +123,6 @@ class Faults:
         return f"handler:{job_type.handler}" in closed or (uses_storage and "storage" in closed)
 
 
-def job_log_fields(job: Job, worker_id: str) -> dict[str, object]:
-    """The fields every log record about a job carries (OURVIDZ_LOG_FORMAT=json writes them out)."""
-    return {"job_id": str(job.id), "job_type": job.job_type, "attempt": job.attempts, "worker_id": worker_id}
 
 
 class HangWatchdog:
