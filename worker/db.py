@@ -125,6 +125,19 @@ def connect(url: str, settings: Settings | None = None, *, reply_timeout: float 
     return conn
 
 
+def configure_session(conn: Connection, settings: Settings, *, async_commit: bool,
+                      session_settings: bool = True) -> None:
+    """What every worker connection runs with: async commit (when asked; a session setting, so not
+    for transaction-mode poolers), db_statement_timeout (not with `session_settings=False`, which
+    make_pool passes with prepare=False) and db_reply_timeout."""
+    if async_commit:
+        conn.execute("SET synchronous_commit TO off")
+    if session_settings and (statement_ms := round(settings.db_statement_timeout * 1000)):
+        conn.execute(f"SET statement_timeout = {statement_ms}")
+    if isinstance(conn, BoundedConnection):
+        conn.reply_timeout = settings.db_reply_timeout
+
+
 def make_pool(url: str, size: int, name: str = "ourvidz", *, prepare: bool = True,
               check: bool = True, async_commit: bool = False,
               settings: Settings | None = None) -> ConnectionPool[Connection]:
@@ -136,17 +149,10 @@ def make_pool(url: str, size: int, name: str = "ourvidz", *, prepare: bool = Tru
     (a session setting, so not with prepare=False) and db_reply_timeout; `settings` defaults to
     the environment."""
     settings = settings or Settings()
-    statement_ms = round(settings.db_statement_timeout * 1000) if prepare else 0
-    reply_timeout = settings.db_reply_timeout
 
     def configure(conn: Connection) -> None:
         conn.autocommit = True
-        if async_commit:  # a session setting: not for transaction-mode poolers
-            conn.execute("SET synchronous_commit TO off")
-        if statement_ms:
-            conn.execute(f"SET statement_timeout = {statement_ms}")
-        if isinstance(conn, BoundedConnection):
-            conn.reply_timeout = reply_timeout
+        configure_session(conn, settings, async_commit=async_commit, session_settings=prepare)
 
     return ConnectionPool(
         with_options(url, settings),

@@ -376,22 +376,26 @@ class JobQueue:
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
 
-    def _execute(self, query: str, params: dict[str, Any], *, durable: bool = False) -> list[dict[str, Any]]:
-        """Run one statement in its own transaction.
+    def _execute(self, query: str, params: dict[str, Any], *, durable: bool = False,
+                 conn: Connection | None = None) -> list[dict[str, Any]]:
+        """Run one statement in its own transaction, on a connection of the pool or on `conn`
+        (an autocommit connection configured as the pool's, see db.configure_session).
 
         On a pool made with `async_commit=True` (the worker's) statements commit without waiting
         for the WAL flush: claims, heartbeats, progress and rescues lost in a database crash are
         fenced or redone. `durable=True` (a job's outcome, a release) waits for the flush, so a
         result a frontend has seen never disappears.
         """
-        with self.pool.connection() as conn:
-            if durable and self.async_commit:
-                with conn.pipeline(), conn.transaction():  # one round trip for SET, statement, COMMIT
-                    conn.execute("SET LOCAL synchronous_commit TO on")
-                    cur = conn.execute(query, params)
-            else:
+        if conn is None:
+            with self.pool.connection() as pooled:
+                return self._execute(query, params, durable=durable, conn=pooled)
+        if durable and self.async_commit:
+            with conn.pipeline(), conn.transaction():  # one round trip for SET, statement, COMMIT
+                conn.execute("SET LOCAL synchronous_commit TO on")
                 cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else []
+        else:
+            cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
 
     # -- worker side --------------------------------------------------------------------
 
@@ -426,9 +430,10 @@ class JobQueue:
         self._execute(SET_WORKER_STATE, {"id": self.worker_id, "state": state})
 
     def claim(self, job_types: Sequence[str], limit: int, *, affine_types: Sequence[str] = (),
-              window: int = 256, aging_seconds: float = 300.0) -> Claimed:
+              window: int = 256, aging_seconds: float = 300.0, conn: Connection | None = None) -> Claimed:
         """Claim up to `limit` jobs, in claim order; `affine_types` (models loaded here) may be taken
-        ahead of their turn from about the first `window` queued jobs of the served types."""
+        ahead of their turn from about the first `window` queued jobs of the served types. On `conn`
+        when given (the worker's listener claims on its own connection), else on the pool's."""
         types = list(job_types)
         if not types or limit < 1:
             return Claimed()
@@ -441,14 +446,14 @@ class JobQueue:
             "job_types": types, "limit": limit, "affine_types": list(affine_types),
             "window": reach, "aging_seconds": aging_seconds,
             "worker_id": self.worker_id, "lease_seconds": self.lease_seconds,
-        })  # not durable: a claim lost in a crash only means the job is claimed again
+        }, conn=conn)  # not durable: a claim lost in a crash only means the job is claimed again
         rows.sort(key=lambda row: row.pop("claim_order"))
         claimed = Claimed(Job.model_validate(row) for row in rows)
         claimed.more_queued = any([row.pop("more_queued") for row in rows])
         return claimed
 
-    def next_due(self, job_types: Sequence[str]) -> datetime | None:
-        rows = self._execute(NEXT_DUE, {"job_types": list(job_types)})
+    def next_due(self, job_types: Sequence[str], conn: Connection | None = None) -> datetime | None:
+        rows = self._execute(NEXT_DUE, {"job_types": list(job_types)}, conn=conn)
         return rows[0]["run_at"] if rows else None
 
     def heartbeat(self, job_ids: Iterable[UUID], state: str, memory: WorkerMemory | None = None,
