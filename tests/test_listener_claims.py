@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tests.conftest import WorkerThread, wait_for, wait_status
@@ -111,3 +112,35 @@ def test_a_job_notified_while_models_preload_waits_for_the_preload(queue: JobQue
         assert handler.loaded_at is not None and handler.started[str(job_id)] >= handler.loaded_at
     finally:
         preloading.stop()
+
+
+def test_a_scheduled_job_starts_when_due_after_a_notified_job(queue: JobQueue, start_worker: Any) -> None:
+    """A claim on a notify (slots left free) looks up the next due time: the scheduled job runs on
+    time, not at the next 60 s poll."""
+    queue.upsert_job_type("counted", "test", "counted")
+    handler = CountingHandler()
+    worker = start_worker({"counted": handler}, concurrency=2, poll_interval=60)
+    wait_for(lambda: worker.worker._listening.is_set())
+    time.sleep(0.3)
+    due_at = datetime.now(UTC) + timedelta(seconds=1)
+    later = queue.enqueue("counted", {}, run_at=due_at)
+    now = queue.enqueue("counted", {})
+    wait_status(queue, now, "completed")
+    row = wait_status(queue, later, "completed", timeout=10)
+    assert due_at <= row["started_at"] < due_at + timedelta(seconds=3)
+
+
+def test_a_job_that_came_due_while_every_slot_was_busy_starts_when_one_frees(queue: JobQueue,
+                                                                           start_worker: Any) -> None:
+    """A claim that took every slot looks up nothing; the loop claims again once a slot frees, even
+    for a job due long before (NEXT_DUE leaves out jobs due for over a second)."""
+    queue.upsert_job_type("counted", "test", "counted")
+    handler = CountingHandler()
+    worker = start_worker({"counted": handler}, concurrency=1, poll_interval=60)
+    wait_for(lambda: worker.worker._listening.is_set())
+    time.sleep(0.3)
+    later = queue.enqueue("counted", {}, run_at=datetime.now(UTC) + timedelta(seconds=0.5))
+    busy = queue.enqueue("counted", {"sleep": 2.5})
+    finished = wait_status(queue, busy, "completed")
+    row = wait_status(queue, later, "completed", timeout=10)
+    assert row["started_at"] - finished["finished_at"] < timedelta(seconds=2)

@@ -83,6 +83,7 @@ class Worker(JobExecution, LeaseKeeping):
         self._claim_lock = threading.Lock()
         self._claiming = threading.Event()
         self._next_poll = 0.0  # monotonic: when the loop claims again unless a notify comes first
+        self._due_unknown = False  # a claim took every slot without looking up due times: claim when one frees
         self._finished: deque[Outcome] = deque()
         self._running: dict[UUID, Running] = {}
         self._running_lock = threading.Lock()
@@ -177,6 +178,9 @@ class Worker(JobExecution, LeaseKeeping):
             if self._types_changed.is_set():
                 self._types_changed.clear()
                 self._refresh_served_types()
+            if self._due_unknown and self._free() > 0:  # a claim took every slot; jobs may have come due since
+                self._due_unknown = False
+                more_maybe = True
             now = time.monotonic()
             if now >= self._next_poll:
                 more_maybe = True
@@ -206,7 +210,7 @@ class Worker(JobExecution, LeaseKeeping):
         """Claim for the free slots and start what came (the caller holds _claim_lock); None when no
         claim was made (no free slot, nothing this worker may claim), else whether more may be due:
         a full claim whose heads held more jobs. When not, the next poll is set for when the next
-        scheduled job comes due."""
+        scheduled job comes due, or, if this claim took every slot, the loop claims once a slot frees."""
         free = self._free()
         claimable = self._claimable_types()
         if free <= 0 or not claimable:
@@ -217,8 +221,10 @@ class Worker(JobExecution, LeaseKeeping):
                                 aging_seconds=self.settings.affinity_max_wait, conn=conn)
         self._dispatch(jobs)
         more = len(jobs) == free and getattr(jobs, "more_queued", True)
-        if not more:
+        if not more and len(jobs) < free:
             self._next_poll = time.monotonic() + self._idle_timeout(conn)
+        elif not more:  # every slot taken: nothing can start before one frees, so claim again then
+            self._due_unknown = True  # rather than look up due times now, while the new jobs want the CPU
         return more
 
     def _free(self) -> int:

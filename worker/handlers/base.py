@@ -6,6 +6,7 @@ directory and asset publishing. It never sees SQL or connections.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from queue import SimpleQueue
+from types import CodeType
 from typing import Any, Protocol, runtime_checkable
 
 from worker.estimate import LiveUpdate, ProgressRate
@@ -104,11 +106,20 @@ class _Write:
 
 
 def _takes_live(writer: Callable[..., Any]) -> bool:
+    code = getattr(writer, "__code__", None)  # the worker's writer: a new closure per job, of one code
+    if isinstance(code, CodeType):
+        return _code_takes_live(code)
     try:
         parameters = inspect.signature(writer).parameters.values()
     except (TypeError, ValueError):
         return False
     return any(p.name == "live" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+@functools.lru_cache(maxsize=64)
+def _code_takes_live(code: CodeType) -> bool:
+    named = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+    return "live" in named or bool(code.co_flags & inspect.CO_VARKEYWORDS)
 
 
 class JobContext:
