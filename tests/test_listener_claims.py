@@ -132,8 +132,8 @@ def test_a_scheduled_job_starts_when_due_after_a_notified_job(queue: JobQueue, s
 
 def test_a_job_that_came_due_while_every_slot_was_busy_starts_when_one_frees(queue: JobQueue,
                                                                            start_worker: Any) -> None:
-    """A claim that took every slot looks up nothing; the loop claims again once a slot frees, even
-    for a job due long before (NEXT_DUE leaves out jobs due for over a second)."""
+    """A claim that took every slot looks up no due time; the loop does once a slot frees, counting
+    the jobs that came due since that claim (NEXT_DUE otherwise leaves out those due for over a second)."""
     queue.upsert_job_type("counted", "test", "counted")
     handler = CountingHandler()
     worker = start_worker({"counted": handler}, concurrency=1, poll_interval=60)

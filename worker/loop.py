@@ -16,7 +16,6 @@ import signal
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
@@ -36,7 +35,7 @@ from worker.jobs import ErrorCode, JobError, JobType
 from worker.keeper import LeaseKeeping
 from worker.memory import MemoryManager
 from worker.queue import JobQueue, Outcome, WorkerIdInUse
-from worker.running import Faults, HangWatchdog, JobRunners, Running, WorkerStats
+from worker.running import Faults, HangWatchdog, JobRunners, Outcomes, Running, WorkerStats
 from worker.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -83,8 +82,8 @@ class Worker(JobExecution, LeaseKeeping):
         self._claim_lock = threading.Lock()
         self._claiming = threading.Event()
         self._next_poll = 0.0  # monotonic: when the loop claims again unless a notify comes first
-        self._due_unknown = False  # a claim took every slot without looking up due times: claim when one frees
-        self._finished: deque[Outcome] = deque()
+        self._full_claim_at: float | None = None  # a claim took every slot, due times not looked up since
+        self._finished = Outcomes()  # written by the finisher thread: a claim never waits on that commit
         self._running: dict[UUID, Running] = {}
         self._running_lock = threading.Lock()
         self._runners = JobRunners(settings.concurrency)
@@ -171,16 +170,15 @@ class Worker(JobExecution, LeaseKeeping):
         self._claiming.set()
         while True:
             self.last_loop_at = time.monotonic()
-            if self._finished:
-                self._finish_wake.set()  # written by the finisher thread: a claim never waits on that commit
             if self._stop.is_set() or self._max_jobs_reached():
                 break
             if self._types_changed.is_set():
                 self._types_changed.clear()
                 self._refresh_served_types()
-            if self._due_unknown and self._free() > 0:  # a claim took every slot; jobs may have come due since
-                self._due_unknown = False
-                more_maybe = True
+            if self._full_claim_at is not None and self._free() > 0:  # jobs may have come due since that claim
+                since = time.monotonic() - self._full_claim_at + 1.0
+                self._full_claim_at = None
+                self._next_poll = time.monotonic() + self._idle_timeout(since_seconds=since)
             now = time.monotonic()
             if now >= self._next_poll:
                 more_maybe = True
@@ -210,7 +208,7 @@ class Worker(JobExecution, LeaseKeeping):
         """Claim for the free slots and start what came (the caller holds _claim_lock); None when no
         claim was made (no free slot, nothing this worker may claim), else whether more may be due:
         a full claim whose heads held more jobs. When not, the next poll is set for when the next
-        scheduled job comes due, or, if this claim took every slot, the loop claims once a slot frees."""
+        scheduled job comes due: now, or by the loop once a slot frees if this claim took them all."""
         free = self._free()
         claimable = self._claimable_types()
         if free <= 0 or not claimable:
@@ -223,8 +221,8 @@ class Worker(JobExecution, LeaseKeeping):
         more = len(jobs) == free and getattr(jobs, "more_queued", True)
         if not more and len(jobs) < free:
             self._next_poll = time.monotonic() + self._idle_timeout(conn)
-        elif not more:  # every slot taken: nothing can start before one frees, so claim again then
-            self._due_unknown = True  # rather than look up due times now, while the new jobs want the CPU
+        elif not more:  # every slot taken: nothing can start before one frees, so look up due times
+            self._full_claim_at = time.monotonic()  # then, not now, while the new jobs want the CPU
         return more
 
     def _free(self) -> int:
@@ -267,14 +265,14 @@ class Worker(JobExecution, LeaseKeeping):
     def _max_jobs_reached(self) -> bool:
         return self.max_jobs is not None and self.stats.claimed >= self.max_jobs and not self._running
 
-    def _idle_timeout(self, conn: db.Connection | None = None) -> float:
+    def _idle_timeout(self, conn: db.Connection | None = None, since_seconds: float = 1.0) -> float:
         """Sleep until a poll is due: long while LISTEN works, short without it, and no later
         than the next scheduled retry becomes due."""
         interval = (
             self.settings.poll_interval if self._listening.is_set() else self.settings.fallback_poll_interval
         )
         try:
-            due = self.queue.next_due(self._claimable_types(), conn=conn)
+            due = self.queue.next_due(self._claimable_types(), since_seconds, conn=conn)
         except db.TRANSIENT_DB_ERRORS:
             return min(interval, 1.0)
         if due is not None:
@@ -463,15 +461,16 @@ class Worker(JobExecution, LeaseKeeping):
         """Outcomes commit durably (a WAL flush, milliseconds on a slow disk): on a thread of their own,
         so the main loop claims the next job while the last one's outcome is still being written."""
         self._flushing = 0
-        self._finish_wake = threading.Event()
         self._finisher_stop = threading.Event()
         self._finisher = threading.Thread(target=self._run_finisher, name="finisher", daemon=True)
         self._finisher.start()
 
     def _run_finisher(self) -> None:
         while not self._finisher_stop.is_set():
-            self._finish_wake.wait(0.2)  # the timeout: an outcome whose hand-off was missed waits no longer
-            self._finish_wake.clear()
+            # woken by each outcome added (worker.running.Outcomes): no polling that an idle worker's
+            # next pickup could meet; the timeout only bounds a wake-up that went missing
+            self._finished.added.wait(5.0)
+            self._finished.added.clear()
             try:
                 self._flush_finished()
             except Exception:  # a bug, not the database (its errors are handled there): stop, as the loop did
@@ -484,7 +483,7 @@ class Worker(JobExecution, LeaseKeeping):
         finisher: threading.Thread | None = getattr(self, "_finisher", None)
         if finisher is not None:
             self._finisher_stop.set()
-            self._finish_wake.set()
+            self._finished.added.set()
             finisher.join()  # at most one flush: its statement's own retries are bounded
 
     def _outcomes_pending(self) -> int:

@@ -49,15 +49,18 @@ SELECT * FROM public.claim_jobs(%(job_types)s, %(limit)s, %(affine_types)s, %(wi
 CLAIM_SLACK = 8  # head rows a claim reads past what it takes, without affinity
 
 # -- next_due -- when the earliest not-yet-due job of the served types becomes due (jobs_due_idx,
-# one probe per type). Jobs due for more than a second are left out: they are claimable, or held by
-# a cap or a lock, and then a finish, a notify or the next poll wakes the worker, not a timer. Those
-# due within the second may have become due just after the claim that came back without them.
+# one probe per type). Jobs due before the last claim are left out: they are claimable, or held by
+# a cap or a lock, and then a finish, a notify or the next poll wakes the worker, not a timer. The
+# caller says how long ago that claim was (a second after a claim that just came back, for those
+# that came due just after it; longer for a claim that took every slot, since nothing could start
+# until one freed).
 NEXT_DUE = """
 SELECT min(d.run_at) AS run_at
 FROM unnest(%(job_types)s::text[]) AS t(job_type)
 CROSS JOIN LATERAL (
     SELECT j.run_at FROM public.jobs AS j
-    WHERE j.status = 'queued' AND j.job_type = t.job_type AND j.run_at > now() - interval '1 second'
+    WHERE j.status = 'queued' AND j.job_type = t.job_type
+      AND j.run_at > now() - make_interval(secs => %(since_seconds)s)
     ORDER BY j.run_at
     LIMIT 1
 ) AS d
@@ -452,8 +455,11 @@ class JobQueue:
         claimed.more_queued = any([row.pop("more_queued") for row in rows])
         return claimed
 
-    def next_due(self, job_types: Sequence[str], conn: Connection | None = None) -> datetime | None:
-        rows = self._execute(NEXT_DUE, {"job_types": list(job_types)}, conn=conn)
+    def next_due(self, job_types: Sequence[str], since_seconds: float = 1.0,
+                 conn: Connection | None = None) -> datetime | None:
+        """When the earliest queued job of these types that came due less than `since_seconds` ago,
+        or is not due yet, is (or was) due; None when there is none."""
+        rows = self._execute(NEXT_DUE, {"job_types": list(job_types), "since_seconds": since_seconds}, conn=conn)
         return rows[0]["run_at"] if rows else None
 
     def heartbeat(self, job_ids: Iterable[UUID], state: str, memory: WorkerMemory | None = None,

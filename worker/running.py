@@ -10,12 +10,33 @@ import faulthandler
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from queue import SimpleQueue
+from typing import TYPE_CHECKING
 
 from worker.handlers.base import JobContext, JobInterrupted
 from worker.jobs import Job, JobType, WorkerFault
+
+if TYPE_CHECKING:
+    from worker.queue import Outcome
+
+
+class Outcomes(deque["Outcome"]):
+    """Outcomes waiting for the finisher thread, oldest first; adding one wakes it (`added`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.added = threading.Event()
+
+    def append(self, outcome: Outcome) -> None:
+        super().append(outcome)
+        self.added.set()
+
+    def extendleft(self, outcomes: Iterable[Outcome]) -> None:
+        super().extendleft(outcomes)
+        self.added.set()
 
 
 class JobTimedOut(JobInterrupted):
