@@ -3,6 +3,7 @@ hold another user's jobs behind all of it; an operator may cap the jobs of one u
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from tests.conftest import wait_status
 from tests.support import ProbeHandler
 from worker import db
-from worker.queue import JobQueue, Outcome
+from worker.queue import CLAIM_JOBS, JobQueue, Outcome
 
 Sql = psycopg.Connection[dict[str, Any]]
 
@@ -125,6 +126,45 @@ def test_cap_on_the_jobs_of_one_user_running_at_once(queue, claimer, users, sql)
     assert claimer.claim(["fair"], 8) == []  # the heavy user is at the cap
     claimer.finish([Outcome(heavy_jobs[0], "completed", result={})])
     assert [job.id for job in claimer.claim(["fair"], 8)] == [heavy_jobs[2]]
+
+
+def test_a_cap_holds_when_two_workers_claim_at_the_same_moment(queue, users, database_url, sql):
+    """Every idle worker wakes on the same notify: a claim made while another has not committed yet
+    must not count the user below the cap. Two real sessions, the first held open."""
+    capped, other = users[:2]
+    sql.execute("update public.job_quotas set max_running_jobs = 1 where job_type is null")
+    capped_jobs = submit(queue, capped, 3)
+    other_job = submit(queue, other)[0]
+    params = {"job_types": ["fair"], "limit": 1, "affine_types": [], "window": 8, "aging_seconds": 300.0,
+              "lease_seconds": 30.0}
+    with db.connect(database_url) as first, db.connect(database_url) as second:
+        second_claim: list[Any] = []
+        with first.transaction():
+            taken = first.execute(CLAIM_JOBS, {**params, "worker_id": "first"}).fetchall()
+            assert [r["id"] for r in taken] == [capped_jobs[0]]
+            thread = threading.Thread(target=lambda: second_claim.extend(
+                second.execute(CLAIM_JOBS, {**params, "worker_id": "second"}).fetchall()))
+            thread.start()
+            thread.join(0.5)
+            assert thread.is_alive()  # waits for the first claim: it would count capped as running none
+        thread.join(10)
+        assert [r["id"] for r in second_claim] == [other_job]  # capped is at the cap
+    running = sql.execute("select count(*) as n from public.jobs where user_id = %s and status = 'processing'",
+                          (capped,)).fetchone()
+    assert running["n"] == 1
+
+
+def test_claims_without_caps_do_not_wait_for_each_other(queue, users, database_url):
+    first_user, second_user = users[:2]
+    jobs = submit(queue, first_user) + submit(queue, second_user)
+    params = {"job_types": ["fair"], "limit": 1, "affine_types": [], "window": 8, "aging_seconds": 300.0,
+              "lease_seconds": 30.0}
+    with db.connect(database_url) as first, db.connect(database_url) as second:
+        with first.transaction():
+            taken = first.execute(CLAIM_JOBS, {**params, "worker_id": "first"}).fetchall()
+            second.execute("set statement_timeout = 2000")
+            meanwhile = second.execute(CLAIM_JOBS, {**params, "worker_id": "second"}).fetchall()
+        assert {taken[0]["id"], meanwhile[0]["id"]} == set(jobs)
 
 
 def test_cap_per_job_type(queue, claimer, users, sql):

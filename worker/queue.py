@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# -- claim_jobs -- take up to %(limit)s due jobs of the served types (sql/migrations/*_fair_claim.sql):
+# -- claim_jobs -- take up to %(limit)s due jobs of the served types (sql/migrations/*_fair_claim.sql,
+# as replaced by *_strict_caps.sql: while a cap is set, claims take turns so each counts the last's):
 # highest priority first; then, when models are loaded here, their types (model affinity), but not
 # past a job that waited longer than %(aging_seconds)s; then by turn, so users take turns; then the
 # oldest. Each type's queue is read from its head, %(window)s + %(limit)s rows at most, so the cost
