@@ -1,7 +1,7 @@
 """The worker loop: wake, claim, dispatch, keep leases, finish, shut down.
 
-Threads: the main loop claims (one statement per claim); a finisher writes outcomes (batched, one
-durable statement), so a claim never waits on another job's commit; each job runs on a reused
+Threads: the main loop claims (one statement per claim); a finisher (worker.finisher) writes outcomes
+(batched, one durable statement), so a claim never waits on another job's commit; each job runs on a reused
 runner thread (worker.execution), a job whose handler downloads references first on a preparer
 thread; the lease keeper (worker.keeper) beats every lease/3 seconds; a listener claims a notified
 job itself, on its own connection, when the main loop is idle, or turns the NOTIFY into a wake-up;
@@ -26,15 +26,16 @@ import psycopg
 from worker import db
 from worker.config import Settings
 from worker.execution import JobExecution
+from worker.finisher import OutcomeWriting
 from worker.handlers.base import (
     Handler,
     JobCanceled,
     WorkerStopping,
 )
-from worker.jobs import ErrorCode, JobError, JobType
+from worker.jobs import JobType
 from worker.keeper import LeaseKeeping
 from worker.memory import MemoryManager
-from worker.queue import JobQueue, Outcome, WorkerIdInUse
+from worker.queue import JobQueue, WorkerIdInUse
 from worker.running import Faults, HangWatchdog, JobRunners, Outcomes, Running, WorkerStats
 from worker.storage import Storage
 
@@ -47,7 +48,7 @@ CHANNEL_TYPES = "ourvidz_types"
 SLOW_PREPARE_SECONDS = 0.25  # a job still validating or fetching references after this holds no job slot
 
 
-class Worker(JobExecution, LeaseKeeping):
+class Worker(JobExecution, LeaseKeeping, OutcomeWriting):
     def __init__(
         self,
         settings: Settings,
@@ -283,62 +284,6 @@ class Worker(JobExecution, LeaseKeeping):
         types = self.queue.served_job_types(self.handlers.keys(), self.settings.queues)
         self._served = {t.name: t for t in types}
 
-    def _flush_finished(self) -> None:
-        """Write the outcomes waiting in _finished (the finisher thread, or _shutdown once it is stopped).
-
-        `_flushing` counts the batch in flight: taken off the deque first and off `_running` last, an
-        outcome is never counted twice as a free slot by _loop, only briefly not at all."""
-        if not self._finished:
-            return
-        batch = []
-        while self._finished:
-            batch.append(self._finished.popleft())
-        self._flushing = len(batch)
-        try:
-            applied = self.queue.finish(batch)
-        except db.TRANSIENT_DB_ERRORS as err:
-            log.warning("finishing %d jobs failed (%s); will retry", len(batch), err)
-            self._flushing = 0
-            self._finished.extendleft(reversed(batch))
-            time.sleep(0.5)
-            return
-        except psycopg.Error:
-            applied = self._finish_one_by_one(batch)
-        for outcome in batch:
-            status = applied.get(outcome.job_id)
-            if status == "pending":
-                continue
-            self._flushing -= 1
-            if status is None:
-                self.stats.lost += 1
-                log.warning("job %s: lease lost before finish; result dropped", outcome.job_id)
-            elif status == "queued":
-                self.stats.retried += 1
-            else:
-                setattr(self.stats, status, getattr(self.stats, status) + 1)
-            with self._running_lock:
-                entry = self._running.pop(outcome.job_id, None)
-            if entry is not None and self.on_finish is not None:
-                self.on_finish(entry, "lost" if status is None else "retried" if status == "queued" else status)
-        self._flushing = 0
-        self._wake.set()  # slots are free and stats moved: max_jobs and the shutdown drain look again
-
-    def _finish_one_by_one(self, batch: list[Outcome]) -> dict[UUID, str]:
-        """A batch the database refused: finish each alone, failing the ones it cannot store."""
-        applied: dict[UUID, str] = {}
-        for outcome in batch:
-            try:
-                applied |= self.queue.finish([outcome])
-            except db.TRANSIENT_DB_ERRORS:
-                self._flushing -= 1
-                self._finished.append(outcome)  # written on a later pass
-                applied[outcome.job_id] = "pending"
-            except psycopg.Error as err:
-                log.error("job %s: outcome refused by the database: %s", outcome.job_id, err)
-                error = JobError(ErrorCode.GENERATION_FAILED, f"result could not be stored: {err}", retryable=False)
-                applied |= self.queue.finish([Outcome(outcome.job_id, "failed", error=error.to_json())])
-        return applied
-
     # -- listener -----------------------------------------------------------------------
 
     def _listen(self) -> None:
@@ -454,38 +399,3 @@ class Worker(JobExecution, LeaseKeeping):
             self.queue.set_worker_state(state)
         except db.TRANSIENT_DB_ERRORS as err:
             log.warning("could not record worker state %s: %s", state, err)
-
-    # -- finisher -----------------------------------------------------------------------
-
-    def _start_finisher(self) -> None:
-        """Outcomes commit durably (a WAL flush, milliseconds on a slow disk): on a thread of their own,
-        so the main loop claims the next job while the last one's outcome is still being written."""
-        self._flushing = 0
-        self._finisher_stop = threading.Event()
-        self._finisher = threading.Thread(target=self._run_finisher, name="finisher", daemon=True)
-        self._finisher.start()
-
-    def _run_finisher(self) -> None:
-        while not self._finisher_stop.is_set():
-            # woken by each outcome added (worker.running.Outcomes): no polling that an idle worker's
-            # next pickup could meet; the timeout only bounds a wake-up that went missing
-            self._finished.added.wait(5.0)
-            self._finished.added.clear()
-            try:
-                self._flush_finished()
-            except Exception:  # a bug, not the database (its errors are handled there): stop, as the loop did
-                log.exception("writing job outcomes failed; stopping")
-                self._flushing = 0
-                self.stop()
-                return
-
-    def _stop_finisher(self) -> None:
-        finisher: threading.Thread | None = getattr(self, "_finisher", None)
-        if finisher is not None:
-            self._finisher_stop.set()
-            self._finished.added.set()
-            finisher.join()  # at most one flush: its statement's own retries are bounded
-
-    def _outcomes_pending(self) -> int:
-        """Jobs whose outcome is not written yet: their handler is done, so their slot is free."""
-        return len(self._finished) + self._flushing
