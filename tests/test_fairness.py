@@ -154,6 +154,19 @@ def test_a_cap_holds_when_two_workers_claim_at_the_same_moment(queue, users, dat
     assert running["n"] == 1
 
 
+def test_a_capped_users_next_job_starts_when_their_running_one_ends(queue, start_worker, users, sql):
+    """Passed over for the cap, the second job starts on the first's finish (a notify), not at the
+    next poll (60 s here)."""
+    user = users[0]
+    sql.execute("update public.job_quotas set max_running_jobs = 1 where job_type is null")
+    start_worker({"probe": ProbeHandler()}, queues=["test"], concurrency=2, poll_interval=60)
+    first, second = (queue.enqueue("fair", {"sleep": 1.5}, user_id=user) for _ in range(2))
+    done = wait_status(queue, first, "completed")
+    started = wait_status(queue, second, "processing", "completed", timeout=10)
+    assert started["started_at"] >= done["finished_at"]  # never both at once
+    assert (started["started_at"] - done["finished_at"]).total_seconds() < 2
+
+
 def test_claims_without_caps_do_not_wait_for_each_other(queue, users, database_url):
     first_user, second_user = users[:2]
     jobs = submit(queue, first_user) + submit(queue, second_user)

@@ -6,7 +6,8 @@
 -- while any cap is set, a claim first takes a transaction advisory lock that capped claims share,
 -- then counts in a snapshot taken after it: the claim that comes second waits (for the fraction of
 -- a millisecond the first takes to commit) and sees the first one's jobs running. Claims while no
--- cap is set do not take it, and are as before.
+-- cap is set do not take it, and are as before. And a capped user's finished job wakes the workers
+-- of its queue (public.jobs_notify, at the end), so that user's next job starts without a poll.
 
 create or replace function public.claim_jobs(
   served_types text[],
@@ -177,5 +178,26 @@ begin
   returning j.id, j.user_id, j.job_type, j.queue, j.payload, j.priority, j.attempts, j.max_attempts,
             j.created_at, j.started_at, j.run_at, j.errors, array_position(p.ids, j.id)::bigint,
             (select count(*) from head) > cardinality(p.ids);
+end
+$$;
+
+-- A capped user's next job waits for a slot of theirs to free, and a finish sent no notify: every
+-- worker that had passed over that job slept until its next poll. Now, while any cap is set, a
+-- user's job that stops running (completed, failed, canceled, given back) wakes the workers of its
+-- queue. A global cap covers every type: a job of the same user in another queue still waits for a
+-- notify there or the next poll.
+create or replace function public.jobs_notify() returns trigger
+  language plpgsql set search_path = '' as $$
+begin
+  if new.status = 'queued' then
+    perform pg_notify('ourvidz_jobs', new.queue);
+  elsif new.status = 'processing' and new.cancel_requested
+        and (tg_op = 'INSERT' or not old.cancel_requested) then
+    perform pg_notify('ourvidz_cancel', new.id::text);
+  elsif tg_op = 'UPDATE' and old.status = 'processing' and new.user_id is not null
+        and exists (select 1 from public.job_quotas as q where q.max_running_jobs is not null) then
+    perform pg_notify('ourvidz_jobs', new.queue);
+  end if;
+  return null;
 end
 $$;
