@@ -34,6 +34,11 @@ def users(sql: Sql) -> list[uuid.UUID]:
                         (f"user{i}@example.com",)).fetchone()["id"] for i in range(6)]
 
 
+# public.claim_jobs parameters for one job of type fair, without affinity (a worker id added per claim)
+ONE_FAIR_JOB = {"job_types": ["fair"], "limit": 1, "affine_types": [], "window": 8, "aging_seconds": 300.0,
+                "lease_seconds": 30.0}
+
+
 def submit(queue: JobQueue, user: uuid.UUID | None, n: int = 1, job_type: str = "fair",
            priority: int = 0) -> list[uuid.UUID]:
     return [queue.enqueue(job_type, {"n": i}, user_id=user, priority=priority) for i in range(n)]
@@ -135,15 +140,13 @@ def test_a_cap_holds_when_two_workers_claim_at_the_same_moment(queue, users, dat
     sql.execute("update public.job_quotas set max_running_jobs = 1 where job_type is null")
     capped_jobs = submit(queue, capped, 3)
     other_job = submit(queue, other)[0]
-    params = {"job_types": ["fair"], "limit": 1, "affine_types": [], "window": 8, "aging_seconds": 300.0,
-              "lease_seconds": 30.0}
     with db.connect(database_url) as first, db.connect(database_url) as second:
         second_claim: list[Any] = []
         with first.transaction():
-            taken = first.execute(CLAIM_JOBS, {**params, "worker_id": "first"}).fetchall()
+            taken = first.execute(CLAIM_JOBS, {**ONE_FAIR_JOB, "worker_id": "first"}).fetchall()
             assert [r["id"] for r in taken] == [capped_jobs[0]]
             thread = threading.Thread(target=lambda: second_claim.extend(
-                second.execute(CLAIM_JOBS, {**params, "worker_id": "second"}).fetchall()))
+                second.execute(CLAIM_JOBS, {**ONE_FAIR_JOB, "worker_id": "second"}).fetchall()))
             thread.start()
             thread.join(0.5)
             assert thread.is_alive()  # waits for the first claim: it would count capped as running none
@@ -170,13 +173,11 @@ def test_a_capped_users_next_job_starts_when_their_running_one_ends(queue, start
 def test_claims_without_caps_do_not_wait_for_each_other(queue, users, database_url):
     first_user, second_user = users[:2]
     jobs = submit(queue, first_user) + submit(queue, second_user)
-    params = {"job_types": ["fair"], "limit": 1, "affine_types": [], "window": 8, "aging_seconds": 300.0,
-              "lease_seconds": 30.0}
     with db.connect(database_url) as first, db.connect(database_url) as second:
         with first.transaction():
-            taken = first.execute(CLAIM_JOBS, {**params, "worker_id": "first"}).fetchall()
+            taken = first.execute(CLAIM_JOBS, {**ONE_FAIR_JOB, "worker_id": "first"}).fetchall()
             second.execute("set statement_timeout = 2000")
-            meanwhile = second.execute(CLAIM_JOBS, {**params, "worker_id": "second"}).fetchall()
+            meanwhile = second.execute(CLAIM_JOBS, {**ONE_FAIR_JOB, "worker_id": "second"}).fetchall()
         assert {taken[0]["id"], meanwhile[0]["id"]} == set(jobs)
 
 

@@ -177,9 +177,10 @@ class Worker(JobExecution, LeaseKeeping, OutcomeWriting):
                 self._types_changed.clear()
                 self._refresh_served_types()
             if self._full_claim_at is not None and self._free() > 0:  # jobs may have come due since that claim
-                since = time.monotonic() - self._full_claim_at + 1.0
-                self._full_claim_at = None
-                self._next_poll = time.monotonic() + self._idle_timeout(since_seconds=since)
+                with self._claim_lock:  # _next_poll is the listener's to write too
+                    since = time.monotonic() - self._full_claim_at + 1.0
+                    self._full_claim_at = None
+                    self._next_poll = time.monotonic() + self._idle_timeout(since_seconds=since)
             now = time.monotonic()
             if now >= self._next_poll:
                 more_maybe = True
